@@ -1,0 +1,78 @@
+"""Function-level authorization: one table maps every route to the roles allowed. Deny by default.
+
+A route missing from the table answers 403 to everyone, and `tests/test_access_table.py`
+fails until it is added. Object-level checks (whose appointment, which facility) are made
+by the domain code after this gate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from api.errors import ApiError
+
+PUBLIC: Final = "public"
+Rule = frozenset[str] | Literal["public"]
+
+CITIZEN = frozenset({"citizen"})  # every signed-in person is a citizen
+STAFF = frozenset({"doctor", "facility_staff", "admin"})
+ADMIN = frozenset({"admin"})
+FRONT_DESK = frozenset({"facility_staff", "admin"})
+
+ROUTE_ROLES: dict[tuple[str, str], Rule] = {
+    # operations
+    ("GET", "/health/live"): PUBLIC,
+    ("GET", "/health/ready"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,
+    ("GET", "/dev/vneid/jwks.json"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
+    ("GET", "/docs/openapi.json"): PUBLIC,
+    ("GET", "/docs/scalar"): PUBLIC,
+    ("GET", "/docs/{path}"): PUBLIC,
+    # identity
+    ("POST", "/v1/auth/vneid"): PUBLIC,
+    ("POST", "/v1/auth/refresh"): PUBLIC,
+    ("POST", "/v1/auth/logout"): CITIZEN,
+    ("GET", "/v1/me"): CITIZEN,
+    ("PATCH", "/v1/me"): CITIZEN,
+    ("GET", "/v1/me/dependents"): CITIZEN,
+    # directory
+    ("GET", "/v1/facilities"): PUBLIC,
+    ("GET", "/v1/facilities/{facility_id}"): PUBLIC,
+    ("GET", "/v1/facilities/{facility_id}/services"): PUBLIC,
+    ("GET", "/v1/doctors"): PUBLIC,
+    ("GET", "/v1/doctors/{doctor_id}"): PUBLIC,
+    # facility administration (the facility itself is checked against the admin's memberships)
+    ("POST", "/v1/admin/facilities/{facility_id}/services"): ADMIN,
+    ("PATCH", "/v1/admin/facilities/{facility_id}/services/{service_id}"): ADMIN,
+    ("POST", "/v1/admin/facilities/{facility_id}/doctors"): ADMIN,
+    ("PATCH", "/v1/admin/facilities/{facility_id}/doctors/{doctor_id}"): ADMIN,
+    ("GET", "/v1/admin/facilities/{facility_id}/staff"): ADMIN,
+    ("POST", "/v1/admin/facilities/{facility_id}/staff"): ADMIN,
+    ("DELETE", "/v1/admin/facilities/{facility_id}/staff/{staff_id}"): ADMIN,
+    ("POST", "/v1/admin/facilities/{facility_id}/guardianships"): FRONT_DESK,
+}
+
+
+def rule_for(method: str, path_template: str) -> Rule | None:
+    return ROUTE_ROLES.get(("GET" if method == "HEAD" else method, path_template))
+
+
+def authorize(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """App-wide guard: look the route up in the table and compare with the caller's roles."""
+    method = connection.scope.get("method") or "WEBSOCKET"
+    if method == "OPTIONS":
+        return
+    rule = rule_for(method, connection.scope.get("path_template", ""))
+    if rule is None:
+        raise ApiError("forbidden")
+    if rule == PUBLIC:
+        return
+    user = connection.scope.get("user")
+    if user is None:
+        raise ApiError("unauthorized")
+    if not rule & user.roles:
+        raise ApiError("forbidden")

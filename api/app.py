@@ -1,0 +1,118 @@
+"""The Litestar application: plugins, middleware, routes and the resources they share."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.plugins.prometheus import PrometheusConfig
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from api.access import authorize
+from api.db import create_pool, provide_db
+from api.directory.admin_routes import FacilityAdminController
+from api.directory.routes import DoctorController, FacilityController
+from api.errors import problem_details_plugin
+from api.health import HealthController, MetricsController, dev_issuer_jwks
+from api.identity.current_user import BearerAuthenticationMiddleware
+from api.identity.routes import AuthController, MeController
+from api.identity.vneid import VneidVerifier
+from api.observability import RequestContextMiddleware, configure_logging
+from api.ratelimit import RateLimiter
+from api.settings import Settings, SettingsError, load_settings
+from realtime.fanout import channels_plugin
+
+API_DESCRIPTION = """Backend of the Điện Biên telehealth app.
+
+Errors are RFC 9457 problem details with a stable `code` and a message in the caller's
+`Accept-Language` (`vi` default, `en`). Lists are cursor-paginated (`limit`, `cursor` →
+`next_cursor`). Authenticate with `Authorization: Bearer <access token>` from
+`POST /v1/auth/vneid`.
+"""
+
+
+def _redis_client(settings: Settings) -> Redis | None:
+    if not settings.redis_url:
+        return None
+    return Redis.from_url(
+        settings.redis_url,
+        retry=Retry(ExponentialBackoff(cap=2, base=0.05), retries=5),
+        socket_timeout=settings.outbound_timeout_seconds,
+        socket_connect_timeout=settings.outbound_timeout_seconds,
+        health_check_interval=15,
+    )
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or load_settings()
+    redis = _redis_client(settings)
+
+    @asynccontextmanager
+    async def resources(app: Litestar) -> AsyncGenerator[None, None]:
+        if not settings.database_url:
+            raise SettingsError("DATABASE_URL: not set (start with `telehealth serve` for the embedded database)")
+        app.state.db_pool = await create_pool(
+            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+        )
+        try:
+            yield
+        finally:
+            await app.state.db_pool.close()
+            if redis is not None:
+                await redis.aclose()
+
+    route_handlers: list[object] = [
+        HealthController,
+        MetricsController,
+        AuthController,
+        MeController,
+        FacilityController,
+        DoctorController,
+        FacilityAdminController,
+    ]
+    if settings.dev_issuer_enabled:
+        route_handlers.append(dev_issuer_jwks)
+
+    configure_logging(settings.log_level)
+    app = Litestar(
+        route_handlers=route_handlers,  # type: ignore[arg-type]
+        lifespan=[resources],
+        dependencies={"db": Provide(provide_db)},
+        guards=[authorize],
+        middleware=[
+            PrometheusConfig(app_name="telehealth", prefix="telehealth", group_path=True).middleware,
+            DefineMiddleware(BearerAuthenticationMiddleware),
+        ],
+        plugins=[problem_details_plugin(), channels_plugin(redis)],
+        state=State(
+            {
+                "settings": settings,
+                "redis": redis,
+                "rate_limiter": RateLimiter(redis),
+                "vneid_verifier": VneidVerifier(
+                    settings.vneid, leeway=settings.vneid_leeway, timeout=settings.outbound_timeout_seconds
+                ),
+            }
+        ),
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="Telehealth API",
+            version="1",
+            description=API_DESCRIPTION,
+            path="/docs",
+            render_plugins=[ScalarRenderPlugin()],
+        ),
+        logging_config=None,  # ours: JSON lines with redaction (api/observability.py)
+        debug=False,
+    )
+    # Around the router, not a route: unmatched paths get a request id and security headers too.
+    app.asgi_handler = RequestContextMiddleware(app.asgi_handler, hsts=not settings.is_dev)
+    return app

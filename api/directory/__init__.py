@@ -1,0 +1,1 @@
+"""The facility directory: facilities, their services and doctors, and facility administration."""

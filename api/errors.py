@@ -1,0 +1,171 @@
+"""RFC 9457 problem details with a stable `code` and a message in the caller's language.
+
+Every error leaves through `ApiError`, which extends Litestar's `ProblemDetailsException`;
+the `ProblemDetailsPlugin` maps Litestar's own exceptions (404, 405, 413, validation) and
+anything unexpected into it, so clients see one shape and never a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from litestar import Request
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
+from litestar.response import Response
+
+log = logging.getLogger("telehealth.errors")
+
+# code -> (status, Vietnamese, English)
+MESSAGES: dict[str, tuple[int, str, str]] = {
+    "validation_failed": (422, "Dữ liệu gửi lên không hợp lệ.", "The request is not valid."),
+    "not_found": (404, "Không tìm thấy.", "Not found."),
+    "method_not_allowed": (405, "Phương thức không được hỗ trợ.", "Method not allowed."),
+    "body_too_large": (413, "Nội dung yêu cầu quá lớn.", "The request body is too large."),
+    "unauthorized": (401, "Cần đăng nhập.", "Authentication is required."),
+    "invalid_token": (401, "Mã truy cập không hợp lệ hoặc đã hết hạn.", "The access token is invalid or expired."),
+    "invalid_id_token": (401, "Mã định danh VNeID không hợp lệ.", "The VNeID ID token is invalid."),
+    "invalid_refresh_token": (401, "Mã làm mới không hợp lệ.", "The refresh token is invalid."),
+    "refresh_token_reused": (
+        401,
+        "Mã làm mới đã được dùng; phiên đăng nhập đã bị thu hồi.",
+        "The refresh token was already used; the session has been revoked.",
+    ),
+    "forbidden": (403, "Bạn không có quyền thực hiện thao tác này.", "You are not allowed to do this."),
+    "rate_limited": (429, "Quá nhiều yêu cầu, vui lòng thử lại sau.", "Too many requests; try again later."),
+    "invalid_personal_id": (422, "Số định danh cá nhân không hợp lệ.", "The personal ID number is not valid."),
+    "invalid_insurance_number": (422, "Số thẻ BHYT không hợp lệ.", "The health-insurance number is not valid."),
+    "invalid_phone": (422, "Số điện thoại không hợp lệ.", "The phone number is not valid."),
+    "invalid_cursor": (422, "Con trỏ phân trang không hợp lệ.", "The pagination cursor is not valid."),
+    "unknown_facility": (404, "Không tìm thấy cơ sở y tế.", "The facility was not found."),
+    "last_admin": (
+        409,
+        "Không thể xoá quản trị viên cuối cùng của cơ sở.",
+        "The facility's last administrator cannot be removed.",
+    ),
+    "conflict": (409, "Dữ liệu bị trùng.", "The resource already exists."),
+    "service_unavailable": (503, "Dịch vụ tạm thời không khả dụng.", "The service is temporarily unavailable."),
+    "internal_error": (500, "Đã xảy ra lỗi, vui lòng thử lại.", "Something went wrong; please try again."),
+}
+
+_BY_STATUS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+              409: "conflict", 413: "body_too_large", 429: "rate_limited", 503: "service_unavailable"}
+
+
+class FieldError(msgspec.Struct):
+    field: str
+    message: str
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """The body of every error response."""
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+    request_id: str | None = None
+    errors: list[FieldError] | None = None
+
+
+def language(request: Request[Any, Any, Any]) -> str:
+    """`en` when the caller prefers English, else Vietnamese (the default)."""
+    header = request.headers.get("accept-language", "")
+    for part in header.split(","):
+        tag = part.split(";")[0].strip().lower()
+        if tag.startswith("vi"):
+            return "vi"
+        if tag.startswith("en"):
+            return "en"
+    return "vi"
+
+
+class ApiError(ProblemDetailsException):
+    """An error a client can act on, identified by a stable `code`."""
+
+    def __init__(
+        self,
+        code: str,
+        *,
+        status_code: int | None = None,
+        errors: list[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        status = status_code or MESSAGES[code][0]
+        if status == 401:
+            headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
+        super().__init__(detail=code, status_code=status, headers=headers)
+        self.code = code
+        self.errors = errors
+
+    def to_response(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        _, vi, en = MESSAGES[self.code]
+        problem = Problem(
+            type=f"https://telehealth.dienbien.gov.vn/problems/{self.code}",
+            title=self.code.replace("_", " "),
+            status=self.status_code,
+            code=self.code,
+            detail=en if language(request) == "en" else vi,
+            request_id=request.scope.get("state", {}).get("request_id"),
+            errors=self.errors,
+        )
+        return Response(
+            problem,
+            status_code=self.status_code,
+            headers=self.headers,
+            media_type="application/problem+json",
+        )
+
+
+def _from_http_exception(exc: HTTPException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ValidationException):
+        return _from_validation(exc)
+    code = _BY_STATUS.get(exc.status_code, "internal_error" if exc.status_code >= 500 else "validation_failed")
+    return ApiError(code, status_code=exc.status_code, headers=exc.headers)
+
+
+def _from_validation(exc: ValidationException) -> ApiError:
+    errors = []
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        if isinstance(item, dict):
+            key = str(item.get("key") or item.get("source") or "body")
+            errors.append(FieldError(field=key, message=str(item.get("message", "invalid"))))
+    if not errors:
+        errors.append(FieldError(field="body", message=str(exc.detail)))
+    return ApiError("validation_failed", errors=errors)
+
+
+def _from_unexpected(exc: Exception) -> ApiError:
+    log.error("unhandled error", exc_info=exc)
+    return ApiError("internal_error")
+
+
+def problem_details_plugin() -> ProblemDetailsPlugin:
+    return ProblemDetailsPlugin(
+        ProblemDetailsConfig(
+            exception_to_problem_detail_map={
+                HTTPException: _from_http_exception,
+                Exception: _from_unexpected,
+            }
+        )
+    )
+
+
+def error_responses(*codes: str) -> dict[int, Any]:
+    """OpenAPI `responses=` entries for the errors a route can return."""
+    from litestar.openapi.datastructures import ResponseSpec
+
+    statuses = sorted({MESSAGES[code][0] for code in codes} | {422})
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            description=", ".join(c for c in codes if MESSAGES[c][0] == status) or "validation_failed",
+            media_type="application/problem+json",
+        )
+        for status in statuses
+    }

@@ -1,0 +1,1 @@
+"""Identity: VNeID sign-in, our tokens, users, roles and dependents."""

@@ -1,0 +1,85 @@
+"""Who is calling: bearer-token authentication for every request, and the signed-in user."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any, Literal
+
+import asyncpg
+import msgspec
+from litestar.connection import ASGIConnection
+from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
+
+from api.errors import ApiError
+from api.identity.models import StaffMembership
+from api.identity.queries import load_current_user
+from api.identity.tokens import InvalidToken, verify_access_token
+
+
+class CurrentUser(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    session_id: uuid.UUID
+    personal_id: str
+    name: str
+    birthdate: dt.date
+    sex: Literal["male", "female"]
+    phone: str | None
+    health_insurance_number: str | None
+    locale: Literal["vi", "en"]
+    roles: frozenset[str]
+    staff: tuple[StaffMembership, ...]
+
+    def is_at(self, facility_id: uuid.UUID, *roles: str) -> bool:
+        """Whether the user holds one of `roles` at that facility."""
+        return any(m.facility_id == facility_id and m.role in roles for m in self.staff)
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record, session_id: uuid.UUID) -> CurrentUser:
+        staff = tuple(
+            StaffMembership(facility_id=uuid.UUID(facility), role=role)  # type: ignore[arg-type]
+            for facility, role in (m.split(":") for m in row["memberships"])
+        )
+        roles = {"citizen", *(m.role for m in staff)}
+        if row["is_guardian"]:
+            roles.add("guardian")
+        return cls(
+            id=row["id"],
+            session_id=session_id,
+            personal_id=row["personal_id"],
+            name=row["full_name"],
+            birthdate=row["birthdate"],
+            sex=row["sex"],
+            phone=row["phone"],
+            health_insurance_number=row["health_insurance_number"],
+            locale=row["locale"],
+            roles=frozenset(roles),
+            staff=staff,
+        )
+
+
+class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
+    """Sets `request.user` from `Authorization: Bearer <access JWT>`; no header means anonymous.
+
+    The user, roles and session are read from the database on every request, so logout,
+    logout-everywhere and a removed staff role take effect on the next request.
+    Whether anonymous callers may use a route is the authorization table's decision.
+    """
+
+    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
+        header = connection.headers.get("authorization")
+        if not header:
+            return AuthenticationResult(user=None, auth=None)
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError("invalid_token")
+        state = connection.app.state
+        try:
+            claims = verify_access_token(state.settings, token.strip())
+        except InvalidToken:
+            raise ApiError("invalid_token") from None
+        session_id = uuid.UUID(claims.sid)
+        row = await load_current_user(state.db_pool, uuid.UUID(claims.sub), session_id, claims.iat)
+        if row is None:
+            raise ApiError("invalid_token")
+        return AuthenticationResult(user=CurrentUser.from_row(row, session_id), auth=claims)

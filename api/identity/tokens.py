@@ -1,0 +1,76 @@
+"""Our own tokens: short-lived access JWTs (python-jose, HS256 pinned) and opaque refresh tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import uuid
+
+import msgspec
+from jose import JWTError, jwt
+
+from api.settings import Settings
+
+ACCESS_ALGORITHM = "HS256"  # pinned: the header's `alg` is never trusted
+ACCESS_TYPE = "access"
+
+
+class AccessClaims(msgspec.Struct, frozen=True):
+    sub: str
+    sid: str
+    iat: int
+    exp: int
+    jti: str
+
+
+class InvalidToken(Exception):
+    pass
+
+
+def issue_access_token(settings: Settings, *, user_id: uuid.UUID, session_id: uuid.UUID) -> str:
+    now = int(time.time())
+    claims = {
+        "typ": ACCESS_TYPE,
+        "iss": settings.jwt_issuer,
+        "aud": settings.jwt_audience,
+        "sub": str(user_id),
+        "sid": str(session_id),
+        "iat": now,
+        "exp": now + settings.access_token_ttl,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, settings.jwt_secret, algorithm=ACCESS_ALGORITHM)
+
+
+def verify_access_token(settings: Settings, token: str) -> AccessClaims:
+    try:
+        claims = jwt.decode(
+            token,
+            settings.jwt_secret,
+            algorithms=[ACCESS_ALGORITHM],
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            options={"require_exp": True, "require_iat": True, "require_aud": True,
+                     "require_iss": True, "require_sub": True, "require_jti": True, "leeway": 0},
+        )
+    except JWTError as exc:
+        raise InvalidToken(str(exc)) from None
+    if claims.get("typ") != ACCESS_TYPE:
+        raise InvalidToken("not an access token")
+    try:
+        parsed = msgspec.convert(claims, AccessClaims, strict=False)
+        uuid.UUID(parsed.sub)
+        uuid.UUID(parsed.sid)
+    except (msgspec.ValidationError, ValueError):
+        raise InvalidToken("malformed claims") from None
+    return parsed
+
+
+def new_refresh_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_refresh_token(token: str) -> bytes:
+    """Only the hash is stored, so a database leak does not hand out sessions."""
+    return hashlib.sha256(token.encode()).digest()

@@ -1,0 +1,15 @@
+"""The OpenAPI document as committed in `openapi/openapi.json` (built without starting the app)."""
+
+from __future__ import annotations
+
+import json
+
+from api.settings import Settings
+
+
+def openapi_json() -> str:
+    from api.app import create_app
+
+    # Fixed default settings: the document must not depend on the environment it is built in.
+    app = create_app(Settings())
+    return json.dumps(app.openapi_schema.to_schema(), indent=2, ensure_ascii=False, sort_keys=True) + "\n"

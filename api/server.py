@@ -1,0 +1,65 @@
+"""Running the service: the database it needs, then uvicorn with N workers.
+
+Without `DATABASE_URL` an embedded PostgreSQL is started under `<DATA_DIR>/postgres`, migrated
+and loaded with the Điện Biên demo data; this process owns it and stops it on exit. With
+`DATABASE_URL`, pending migrations are applied (safe from several instances at once: they
+take an advisory lock) and no demo data is loaded unless `telehealth seed` is run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+
+import uvicorn
+
+from api.db import ensure_database, start_embedded_postgres
+from api.demo.seed import seed
+from api.identity.dev_issuer import load_or_create_key
+from api.migrate import migrate
+from api.settings import Settings
+
+log = logging.getLogger("telehealth.server")
+EMBEDDED_DATABASE = "telehealth"
+
+
+def prepare_database(settings: Settings) -> str:
+    """Return the database URL to use, starting, migrating and seeding the embedded one if needed."""
+    if settings.database_url:
+        asyncio.run(migrate(settings.database_url))
+        return settings.database_url
+    server_url = start_embedded_postgres(settings.data_path)
+    url = asyncio.run(ensure_database(server_url, EMBEDDED_DATABASE))
+    asyncio.run(migrate(url))
+    asyncio.run(seed(url))
+    return url
+
+
+def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
+    url = prepare_database(settings)
+    print(f"telehealth: database {url}", flush=True)  # noqa: T201 (the URL is the newcomer's next step)
+    if settings.dev_issuer_enabled:
+        load_or_create_key(settings)  # created once here, not raced by the workers
+    os.environ["DATABASE_URL"] = url
+    if not os.environ.get("PUBLIC_BASE_URL"):
+        os.environ["PUBLIC_BASE_URL"] = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
+    # Metrics from every worker are merged from files in this directory (prometheus_client multiprocess mode).
+    metrics_dir = tempfile.mkdtemp(prefix="telehealth-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run(
+            "api.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            access_log=False,  # our middleware logs one line per request, without query strings
+            proxy_headers=False,
+            timeout_graceful_shutdown=20,
+            log_config=None,
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

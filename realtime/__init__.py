@@ -1,0 +1,1 @@
+"""Real-time delivery: fan-out between API processes, and (later) consultation signaling."""
