@@ -63,7 +63,7 @@ def rule_for(method: str, path_template: str) -> Rule | None:
 
 def authorize(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """App-wide guard: look the route up in the table and compare with the caller's roles."""
-    method = connection.scope.get("method") or "WEBSOCKET"
+    method = str(connection.scope.get("method") or "WEBSOCKET")
     if method == "OPTIONS":
         return
     rule = rule_for(method, connection.scope.get("path_template", ""))

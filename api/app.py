@@ -58,7 +58,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def resources(app: Litestar) -> AsyncGenerator[None, None]:
         if not settings.database_url:
-            raise SettingsError("DATABASE_URL: not set (start with `telehealth serve` for the embedded database)")
+            raise SettingsError(
+                "DATABASE_URL: not set (start with `telehealth serve` for the embedded database)"
+            )
         app.state.db_pool = await create_pool(
             settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
         )

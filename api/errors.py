@@ -13,7 +13,11 @@ from typing import Any
 import msgspec
 from litestar import Request
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
+from litestar.plugins.problem_details import (
+    ProblemDetailsConfig,
+    ProblemDetailsException,
+    ProblemDetailsPlugin,
+)
 from litestar.response import Response
 
 log = logging.getLogger("telehealth.errors")
@@ -25,7 +29,11 @@ MESSAGES: dict[str, tuple[int, str, str]] = {
     "method_not_allowed": (405, "Phương thức không được hỗ trợ.", "Method not allowed."),
     "body_too_large": (413, "Nội dung yêu cầu quá lớn.", "The request body is too large."),
     "unauthorized": (401, "Cần đăng nhập.", "Authentication is required."),
-    "invalid_token": (401, "Mã truy cập không hợp lệ hoặc đã hết hạn.", "The access token is invalid or expired."),
+    "invalid_token": (
+        401,
+        "Mã truy cập không hợp lệ hoặc đã hết hạn.",
+        "The access token is invalid or expired.",
+    ),
     "invalid_id_token": (401, "Mã định danh VNeID không hợp lệ.", "The VNeID ID token is invalid."),
     "invalid_refresh_token": (401, "Mã làm mới không hợp lệ.", "The refresh token is invalid."),
     "refresh_token_reused": (
@@ -35,8 +43,16 @@ MESSAGES: dict[str, tuple[int, str, str]] = {
     ),
     "forbidden": (403, "Bạn không có quyền thực hiện thao tác này.", "You are not allowed to do this."),
     "rate_limited": (429, "Quá nhiều yêu cầu, vui lòng thử lại sau.", "Too many requests; try again later."),
-    "invalid_personal_id": (422, "Số định danh cá nhân không hợp lệ.", "The personal ID number is not valid."),
-    "invalid_insurance_number": (422, "Số thẻ BHYT không hợp lệ.", "The health-insurance number is not valid."),
+    "invalid_personal_id": (
+        422,
+        "Số định danh cá nhân không hợp lệ.",
+        "The personal ID number is not valid.",
+    ),
+    "invalid_insurance_number": (
+        422,
+        "Số thẻ BHYT không hợp lệ.",
+        "The health-insurance number is not valid.",
+    ),
     "invalid_phone": (422, "Số điện thoại không hợp lệ.", "The phone number is not valid."),
     "invalid_cursor": (422, "Con trỏ phân trang không hợp lệ.", "The pagination cursor is not valid."),
     "unknown_facility": (404, "Không tìm thấy cơ sở y tế.", "The facility was not found."),
@@ -46,12 +62,24 @@ MESSAGES: dict[str, tuple[int, str, str]] = {
         "The facility's last administrator cannot be removed.",
     ),
     "conflict": (409, "Dữ liệu bị trùng.", "The resource already exists."),
-    "service_unavailable": (503, "Dịch vụ tạm thời không khả dụng.", "The service is temporarily unavailable."),
+    "service_unavailable": (
+        503,
+        "Dịch vụ tạm thời không khả dụng.",
+        "The service is temporarily unavailable.",
+    ),
     "internal_error": (500, "Đã xảy ra lỗi, vui lòng thử lại.", "Something went wrong; please try again."),
 }
 
-_BY_STATUS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-              409: "conflict", 413: "body_too_large", 429: "rate_limited", 503: "service_unavailable"}
+_BY_STATUS = {
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    429: "rate_limited",
+    503: "service_unavailable",
+}
 
 
 class FieldError(msgspec.Struct):
@@ -125,7 +153,9 @@ def _from_http_exception(exc: HTTPException) -> ApiError:
         return exc
     if isinstance(exc, ValidationException):
         return _from_validation(exc)
-    code = _BY_STATUS.get(exc.status_code, "internal_error" if exc.status_code >= 500 else "validation_failed")
+    code = _BY_STATUS.get(
+        exc.status_code, "internal_error" if exc.status_code >= 500 else "validation_failed"
+    )
     return ApiError(code, status_code=exc.status_code, headers=exc.headers)
 
 

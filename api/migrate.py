@@ -71,7 +71,9 @@ async def _apply(conn: asyncpg.Connection, migrations: list[Migration]) -> list[
                checksum text NOT NULL,
                applied_at timestamptz NOT NULL DEFAULT now())"""
     )
-    applied = {r["version"]: r for r in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")}
+    applied = {
+        r["version"]: r for r in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+    }
     for migration in migrations:
         row = applied.get(migration.version)
         if row is not None and row["checksum"] != migration.checksum:
@@ -82,7 +84,9 @@ async def _apply(conn: asyncpg.Connection, migrations: list[Migration]) -> list[
     known = {m.version for m in migrations}
     for version, row in applied.items():
         if version not in known:
-            raise MigrationError(f"{row['name']} is applied in the database but missing from {MIGRATIONS_DIR.name}/")
+            raise MigrationError(
+                f"{row['name']} is applied in the database but missing from {MIGRATIONS_DIR.name}/"
+            )
     done = []
     for migration in migrations:
         if migration.version in applied:

@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("telehealth.access")
@@ -30,8 +31,10 @@ _REDACTIONS = [
     (re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [redacted]"),
     (re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "[jwt redacted]"),
     (re.compile(r"(?<!\d)(\d{3})\d{7}(\d{2})(?!\d)"), r"\1*******\2"),
-    (re.compile(r"(?i)((?:refresh_token|id_token|access_token|ticket)[\"']?\s*[:=]\s*[\"']?)[^\"'&\s,}]+"),
-     r"\1[redacted]"),
+    (
+        re.compile(r"(?i)((?:refresh_token|id_token|access_token|ticket)[\"']?\s*[:=]\s*[\"']?)[^\"'&\s,}]+"),
+        r"\1[redacted]",
+    ),
 ]
 
 
@@ -79,7 +82,7 @@ class RequestContextMiddleware:
         self.hsts = hsts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
@@ -109,7 +112,7 @@ class RequestContextMiddleware:
                 "request",
                 extra={
                     "request_id": request_id,
-                    "method": scope["method"],
+                    "method": scope.get("method"),
                     "route": scope.get("path_template") or "unmatched",
                     "status": status,
                     "ms": round((time.perf_counter() - started) * 1000, 2),

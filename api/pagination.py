@@ -16,9 +16,12 @@ from api.errors import ApiError
 
 MAX_LIMIT = 100
 
-Limit = Annotated[int, QueryParameter(name="limit", ge=1, le=MAX_LIMIT, description=f"Page size, at most {MAX_LIMIT}.")]
+Limit = Annotated[
+    int, QueryParameter(name="limit", ge=1, le=MAX_LIMIT, description=f"Page size, at most {MAX_LIMIT}.")
+]
 Cursor = Annotated[
-    str | None, QueryParameter(name="cursor", max_length=512, description="`next_cursor` of the previous page.")
+    str | None,
+    QueryParameter(name="cursor", max_length=512, description="`next_cursor` of the previous page."),
 ]
 
 

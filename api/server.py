@@ -40,7 +40,7 @@ def prepare_database(settings: Settings) -> str:
 
 def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
     url = prepare_database(settings)
-    print(f"telehealth: database {url}", flush=True)  # noqa: T201 (the URL is the newcomer's next step)
+    print(f"telehealth: database {url}", flush=True)
     if settings.dev_issuer_enabled:
         load_or_create_key(settings)  # created once here, not raced by the workers
     os.environ["DATABASE_URL"] = url

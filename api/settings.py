@@ -110,7 +110,9 @@ def _check_consistency(settings: Settings) -> None:
     if any(configured) and not all(configured):
         missing = [
             name
-            for name, value in zip(("VNEID_ISSUER", "VNEID_AUDIENCE", "VNEID_JWKS_URL"), configured, strict=True)
+            for name, value in zip(
+                ("VNEID_ISSUER", "VNEID_AUDIENCE", "VNEID_JWKS_URL"), configured, strict=True
+            )
             if not value
         ]
         raise SettingsError(f"{', '.join(missing)}: set all three VNeID variables or none")

@@ -55,7 +55,9 @@ class Citizen:
         return claims
 
 
-def child_of(born: dt.date = dt.date(2018, 6, 1), sex: str = "female", name: str = "Lò Thị Na") -> dict[str, str]:
+def child_of(
+    born: dt.date = dt.date(2018, 6, 1), sex: str = "female", name: str = "Lò Thị Na"
+) -> dict[str, str]:
     return {
         "personal_id": personal_id(born=born.year, sex=sex),
         "name": name,
@@ -110,8 +112,9 @@ class TestIssuer:
 
     @staticmethod
     def _pem(key: Any) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     @property
     def jwks_url(self) -> str:
@@ -147,16 +150,32 @@ class TestIssuer:
         claims.update(overrides)
         return {k: v for k, v in claims.items() if v is not None}
 
-    def id_token(self, citizen: Citizen, *, alg: str = "RS256", kid: str = "rsa-1", key: bytes | None = None,
-                 headers: dict[str, Any] | None = None, **claims: Any) -> str:
+    def id_token(
+        self,
+        citizen: Citizen,
+        *,
+        alg: str = "RS256",
+        kid: str = "rsa-1",
+        key: bytes | None = None,
+        headers: dict[str, Any] | None = None,
+        **claims: Any,
+    ) -> str:
         pem = key or (self.rsa_pem if alg == "RS256" else self.ec_pem)
-        return jwt.encode(self.base_claims(citizen, **claims), pem.decode(), algorithm=alg,
-                          headers={"kid": kid, **(headers or {})})
+        return jwt.encode(
+            self.base_claims(citizen, **claims),
+            pem.decode(),
+            algorithm=alg,
+            headers={"kid": kid, **(headers or {})},
+        )
 
     def forged(self, citizen: Citizen, header: dict[str, Any], *, hmac_key: bytes | None = None) -> str:
         """A token python-jose would refuse to make: `alg: none`, or HS256 keyed with a public key."""
-        signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(self.base_claims(citizen)).encode())}"
-        signature = b64(hmac.new(hmac_key, signing_input.encode(), hashlib.sha256).digest()) if hmac_key else ""
+        signing_input = (
+            f"{b64(json.dumps(header).encode())}.{b64(json.dumps(self.base_claims(citizen)).encode())}"
+        )
+        signature = (
+            b64(hmac.new(hmac_key, signing_input.encode(), hashlib.sha256).digest()) if hmac_key else ""
+        )
         return f"{signing_input}.{signature}"
 
     def close(self) -> None:
@@ -188,6 +207,8 @@ async def grant_staff(db: Any, citizen: Citizen, facility_code: str, role: str) 
     facility_id = await db.fetchval("SELECT id FROM facilities WHERE code = $1", facility_code)
     await db.execute(
         "INSERT INTO staff (personal_id, facility_id, role) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        citizen.personal_id, facility_id, role,
+        citizen.personal_id,
+        facility_id,
+        role,
     )
     return facility_id

@@ -26,8 +26,15 @@ async def seed(dsn: str) -> dict[str, int]:
                 await queries.insert_doctor(
                     conn,
                     ids[facility_code],
-                    {"code": code, "name": name, "title": title, "specialties": specialties,
-                     "languages": languages, "video": video, "personal_id": personal_id},
+                    {
+                        "code": code,
+                        "name": name,
+                        "title": title,
+                        "specialties": specialties,
+                        "languages": languages,
+                        "video": video,
+                        "personal_id": personal_id,
+                    },
                 )
             for personal_id, facility_code, role in STAFF:
                 await queries.add_staff(conn, ids[facility_code], personal_id, role)

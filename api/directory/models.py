@@ -16,7 +16,9 @@ HourMinute = Annotated[str, msgspec.Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
 Code = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 PersonalId = Annotated[str, msgspec.Meta(pattern=r"^\d{12}$")]
-Words = Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=80)]], msgspec.Meta(max_length=20)]
+Words = Annotated[
+    list[Annotated[str, msgspec.Meta(min_length=1, max_length=80)]], msgspec.Meta(max_length=20)
+]
 
 
 class OpeningInterval(msgspec.Struct):

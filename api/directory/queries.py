@@ -10,7 +10,9 @@ import asyncpg
 from api.pagination import like_pattern
 
 _FACILITY = """id, code, name, kind, district, address, phone, latitude, longitude, opening_hours, is_demo"""
-_SERVICE = """id, facility_id, code, name, duration_minutes, price_vnd, video_offered, prepayment_required, active"""
+_SERVICE = (
+    """id, facility_id, code, name, duration_minutes, price_vnd, video_offered, prepayment_required, active"""
+)
 _DOCTOR = """d.id, d.facility_id, f.name AS facility_name, d.code, d.full_name, d.title, d.specialties,
              d.languages, d.video, d.active"""
 
@@ -30,7 +32,7 @@ async def list_facilities(
                AND ($2::text IS NULL OR kind = $2)
                AND ($3::text IS NULL OR district_key = fold_text($3))
                AND ($4::text IS NULL OR (name, id) > ($4, $5::uuid))
-             ORDER BY name, id LIMIT $6""",  # noqa: S608 (column list is a constant)
+             ORDER BY name, id LIMIT $6""",
         like_pattern(q) if q else None,
         kind,
         district,
@@ -41,7 +43,7 @@ async def list_facilities(
 
 
 async def get_facility(conn: asyncpg.Connection, facility_id: uuid.UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow(f"SELECT {_FACILITY} FROM facilities WHERE id = $1", facility_id)  # noqa: S608
+    return await conn.fetchrow(f"SELECT {_FACILITY} FROM facilities WHERE id = $1", facility_id)
 
 
 async def facility_exists(conn: asyncpg.Connection, facility_id: uuid.UUID) -> bool:
@@ -60,7 +62,7 @@ async def list_services(
         f"""SELECT {_SERVICE} FROM services
              WHERE facility_id = $1 AND (active OR $2)
                AND ($3::text IS NULL OR (name, id) > ($3, $4::uuid))
-             ORDER BY name, id LIMIT $5""",  # noqa: S608
+             ORDER BY name, id LIMIT $5""",
         facility_id,
         include_inactive,
         after[0] if after else None,
@@ -88,7 +90,7 @@ async def list_doctors(
                                                  WHERE fold_text(s) = fold_text($3)))
                AND ($4::boolean IS NULL OR d.video = $4)
                AND ($5::text IS NULL OR (d.full_name, d.id) > ($5, $6::uuid))
-             ORDER BY d.full_name, d.id LIMIT $7""",  # noqa: S608
+             ORDER BY d.full_name, d.id LIMIT $7""",
         like_pattern(q) if q else None,
         facility_id,
         specialty,
@@ -101,7 +103,7 @@ async def list_doctors(
 
 async def get_doctor(conn: asyncpg.Connection, doctor_id: uuid.UUID) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        f"SELECT {_DOCTOR} FROM doctors d JOIN facilities f ON f.id = d.facility_id WHERE d.id = $1",  # noqa: S608
+        f"SELECT {_DOCTOR} FROM doctors d JOIN facilities f ON f.id = d.facility_id WHERE d.id = $1",
         doctor_id,
     )
 
@@ -138,9 +140,11 @@ async def find_facility_id(conn: asyncpg.Connection, id_or_code: str) -> uuid.UU
         return found
 
 
-async def insert_service(conn: asyncpg.Connection, facility_id: uuid.UUID, values: dict[str, Any]) -> asyncpg.Record:
+async def insert_service(
+    conn: asyncpg.Connection, facility_id: uuid.UUID, values: dict[str, Any]
+) -> asyncpg.Record:
     """Insert, or update the service with the same code (seeding is idempotent on it)."""
-    row: asyncpg.Record = await conn.fetchrow(
+    row: asyncpg.Record | None = await conn.fetchrow(
         f"""INSERT INTO services (facility_id, code, name, duration_minutes, price_vnd, video_offered,
                                   prepayment_required)
             VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -148,7 +152,7 @@ async def insert_service(conn: asyncpg.Connection, facility_id: uuid.UUID, value
                 duration_minutes = EXCLUDED.duration_minutes, price_vnd = EXCLUDED.price_vnd,
                 video_offered = EXCLUDED.video_offered, prepayment_required = EXCLUDED.prepayment_required,
                 updated_at = now()
-            RETURNING {_SERVICE}""",  # noqa: S608
+            RETURNING {_SERVICE}""",
         facility_id,
         values["code"],
         values["name"],
@@ -157,6 +161,7 @@ async def insert_service(conn: asyncpg.Connection, facility_id: uuid.UUID, value
         values.get("video_offered", False),
         values.get("prepayment_required", False),
     )
+    assert row is not None
     return row
 
 
@@ -166,14 +171,16 @@ async def update_service(
     assignments = "".join(f", {column} = ${i}" for i, column in enumerate(changes, start=3))
     return await conn.fetchrow(
         f"""UPDATE services SET updated_at = now(){assignments}
-             WHERE id = $1 AND facility_id = $2 RETURNING {_SERVICE}""",  # noqa: S608 (columns from the model)
+             WHERE id = $1 AND facility_id = $2 RETURNING {_SERVICE}""",
         service_id,
         facility_id,
         *changes.values(),
     )
 
 
-async def insert_doctor(conn: asyncpg.Connection, facility_id: uuid.UUID, values: dict[str, Any]) -> uuid.UUID:
+async def insert_doctor(
+    conn: asyncpg.Connection, facility_id: uuid.UUID, values: dict[str, Any]
+) -> uuid.UUID:
     """Insert, or update the doctor with the same code; a personal ID also grants the doctor role."""
     doctor_id: uuid.UUID = await conn.fetchval(
         """INSERT INTO doctors (facility_id, code, full_name, title, specialties, languages, video, personal_id)
@@ -202,7 +209,7 @@ async def update_doctor(
     columns = {"name": "full_name"}
     assignments = "".join(f", {columns.get(c, c)} = ${i}" for i, c in enumerate(changes, start=3))
     result: str = await conn.execute(
-        f"UPDATE doctors SET updated_at = now(){assignments} WHERE id = $1 AND facility_id = $2",  # noqa: S608
+        f"UPDATE doctors SET updated_at = now(){assignments} WHERE id = $1 AND facility_id = $2",
         doctor_id,
         facility_id,
         *changes.values(),
@@ -210,8 +217,10 @@ async def update_doctor(
     return result.endswith(" 1")
 
 
-async def add_staff(conn: asyncpg.Connection, facility_id: uuid.UUID, personal_id: str, role: str) -> asyncpg.Record:
-    row: asyncpg.Record = await conn.fetchrow(
+async def add_staff(
+    conn: asyncpg.Connection, facility_id: uuid.UUID, personal_id: str, role: str
+) -> asyncpg.Record:
+    row: asyncpg.Record | None = await conn.fetchrow(
         """WITH inserted AS (
                INSERT INTO staff (personal_id, facility_id, role) VALUES ($1, $2, $3)
                ON CONFLICT (personal_id, facility_id, role) DO NOTHING RETURNING id)
@@ -221,6 +230,7 @@ async def add_staff(conn: asyncpg.Connection, facility_id: uuid.UUID, personal_i
         facility_id,
         role,
     )
+    assert row is not None
     return row
 
 
@@ -233,7 +243,9 @@ async def list_staff(conn: asyncpg.Connection, facility_id: uuid.UUID) -> list[a
     )
 
 
-async def get_staff(conn: asyncpg.Connection, facility_id: uuid.UUID, staff_id: uuid.UUID) -> asyncpg.Record | None:
+async def get_staff(
+    conn: asyncpg.Connection, facility_id: uuid.UUID, staff_id: uuid.UUID
+) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """SELECT st.id, st.facility_id, st.personal_id, u.full_name, st.role, st.created_at
              FROM staff st LEFT JOIN users u ON u.personal_id = st.personal_id

@@ -27,7 +27,9 @@ from api.pagination import Cursor, Limit, decode_cursor, encode_cursor
 
 SearchText = Annotated[
     str | None,
-    QueryParameter(name="q", min_length=1, max_length=100, description="Ignores case and Vietnamese diacritics."),
+    QueryParameter(
+        name="q", min_length=1, max_length=100, description="Ignores case and Vietnamese diacritics."
+    ),
 ]
 
 
@@ -67,7 +69,7 @@ def doctor_out(row: asyncpg.Record) -> DoctorOut:
 
 
 def _after(cursor: str | None) -> tuple[str, uuid.UUID] | None:
-    return decode_cursor(cursor, str, uuid.UUID) if cursor else None  # type: ignore[return-value]
+    return decode_cursor(cursor, str, uuid.UUID) if cursor else None
 
 
 def _next_cursor(rows: list[asyncpg.Record], limit: int, name_column: str) -> str | None:
@@ -82,7 +84,11 @@ class FacilityController(Controller):
     path = "/v1/facilities"
     tags = ["directory"]
 
-    @get(operation_id="listFacilities", summary="Search facilities", responses=error_responses("invalid_cursor"))
+    @get(
+        operation_id="listFacilities",
+        summary="Search facilities",
+        responses=error_responses("invalid_cursor"),
+    )
     async def list_facilities(
         self,
         db: NamedDependency[asyncpg.Connection],
@@ -126,10 +132,14 @@ class FacilityController(Controller):
         limit: Limit = 50,
         cursor: Cursor = None,
     ) -> ServicePage:
-        rows = await queries.list_services(db, facility_id, include_inactive=False, after=_after(cursor), limit=limit + 1)
+        rows = await queries.list_services(
+            db, facility_id, include_inactive=False, after=_after(cursor), limit=limit + 1
+        )
         if not rows and not await queries.facility_exists(db, facility_id):
             raise ApiError("not_found")
-        return ServicePage(items=[service_out(r) for r in rows[:limit]], next_cursor=_next_cursor(rows, limit, "name"))
+        return ServicePage(
+            items=[service_out(r) for r in rows[:limit]], next_cursor=_next_cursor(rows, limit, "name")
+        )
 
 
 class DoctorController(Controller):
@@ -148,12 +158,27 @@ class DoctorController(Controller):
         cursor: Cursor = None,
     ) -> DoctorPage:
         rows = await queries.list_doctors(
-            db, q=q, facility_id=facility_id, specialty=specialty, video=video, after=_after(cursor), limit=limit + 1
+            db,
+            q=q,
+            facility_id=facility_id,
+            specialty=specialty,
+            video=video,
+            after=_after(cursor),
+            limit=limit + 1,
         )
-        return DoctorPage(items=[doctor_out(r) for r in rows[:limit]], next_cursor=_next_cursor(rows, limit, "full_name"))
+        return DoctorPage(
+            items=[doctor_out(r) for r in rows[:limit]], next_cursor=_next_cursor(rows, limit, "full_name")
+        )
 
-    @get("/{doctor_id:uuid}", operation_id="getDoctor", summary="One doctor", responses=error_responses("not_found"))
-    async def get_doctor(self, db: NamedDependency[asyncpg.Connection], doctor_id: FromPath[uuid.UUID]) -> DoctorOut:
+    @get(
+        "/{doctor_id:uuid}",
+        operation_id="getDoctor",
+        summary="One doctor",
+        responses=error_responses("not_found"),
+    )
+    async def get_doctor(
+        self, db: NamedDependency[asyncpg.Connection], doctor_id: FromPath[uuid.UUID]
+    ) -> DoctorOut:
         row = await queries.get_doctor(db, doctor_id)
         if row is None:
             raise ApiError("not_found")

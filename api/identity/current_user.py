@@ -37,7 +37,7 @@ class CurrentUser(msgspec.Struct, frozen=True):
     @classmethod
     def from_row(cls, row: asyncpg.Record, session_id: uuid.UUID) -> CurrentUser:
         staff = tuple(
-            StaffMembership(facility_id=uuid.UUID(facility), role=role)  # type: ignore[arg-type]
+            StaffMembership(facility_id=uuid.UUID(facility), role=role)
             for facility, role in (m.split(":") for m in row["memberships"])
         )
         roles = {"citizen", *(m.role for m in staff)}
@@ -66,7 +66,9 @@ class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
     Whether anonymous callers may use a route is the authorization table's decision.
     """
 
-    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
         header = connection.headers.get("authorization")
         if not header:
             return AuthenticationResult(user=None, auth=None)

@@ -44,7 +44,7 @@ def load_or_create_key(settings: Settings) -> bytes:
 
 
 def public_jwks(settings: Settings) -> dict[str, Any]:
-    public = jwk.RSAKey(load_or_create_key(settings), "RS256").public_key().to_dict()
+    public = jwk.RSAKey(load_or_create_key(settings), "RS256").public_key().to_dict()  # type: ignore[misc]
     return {"keys": [{**public, "kid": KID, "use": "sig", "alg": "RS256"}]}
 
 
@@ -70,8 +70,12 @@ def mint_id_token(
         "birthdate": birthdate.isoformat(),
         "gender": gender,
         "dependents": [
-            {"personal_id": d.personal_id, "name": d.name, "birthdate": d.birthdate.isoformat(),
-             "relationship": d.relationship}
+            {
+                "personal_id": d.personal_id,
+                "name": d.name,
+                "birthdate": d.birthdate.isoformat(),
+                "relationship": d.relationship,
+            }
             for d in dependents
         ],
     }

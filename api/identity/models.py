@@ -53,8 +53,8 @@ class TokenPair(msgspec.Struct):
 
 
 class ProfileUpdate(msgspec.Struct, forbid_unknown_fields=True):
-    phone: str | None | msgspec.UnsetType = msgspec.UNSET
-    health_insurance_number: str | None | msgspec.UnsetType = msgspec.UNSET
+    phone: str | msgspec.UnsetType | None = msgspec.UNSET
+    health_insurance_number: str | msgspec.UnsetType | None = msgspec.UNSET
     locale: Locale | msgspec.UnsetType = msgspec.UNSET
 
 

@@ -15,9 +15,71 @@ Sex = Literal["male", "female"]
 
 # The 63 provincial codes that issued numbers; they stay valid after the 2025 merger.
 PROVINCE_CODES: frozenset[str] = frozenset(
-    "001 002 004 006 008 010 011 012 014 015 017 019 020 022 024 025 026 027 030 031 033 034 035 036 037 "
-    "038 040 042 044 045 046 048 049 051 052 054 056 058 060 062 064 066 067 068 070 072 074 075 077 079 "
-    "080 082 083 084 086 087 089 091 092 093 094 095 096".split()
+    [
+        "001",
+        "002",
+        "004",
+        "006",
+        "008",
+        "010",
+        "011",
+        "012",
+        "014",
+        "015",
+        "017",
+        "019",
+        "020",
+        "022",
+        "024",
+        "025",
+        "026",
+        "027",
+        "030",
+        "031",
+        "033",
+        "034",
+        "035",
+        "036",
+        "037",
+        "038",
+        "040",
+        "042",
+        "044",
+        "045",
+        "046",
+        "048",
+        "049",
+        "051",
+        "052",
+        "054",
+        "056",
+        "058",
+        "060",
+        "062",
+        "064",
+        "066",
+        "067",
+        "068",
+        "070",
+        "072",
+        "074",
+        "075",
+        "077",
+        "079",
+        "080",
+        "082",
+        "083",
+        "084",
+        "086",
+        "087",
+        "089",
+        "091",
+        "092",
+        "093",
+        "094",
+        "095",
+        "096",
+    ]
 )
 
 
@@ -32,9 +94,7 @@ def is_valid_personal_id(value: str, *, birthdate: dt.date | None = None, sex: S
             return False
     elif century_sex > 5:
         return False  # 2200 and later cannot be a living person's number
-    if sex is not None and century_sex % 2 != (0 if sex == "male" else 1):
-        return False
-    return True
+    return sex is None or century_sex % 2 == (0 if sex == "male" else 1)
 
 
 def birth_year(value: str) -> int:

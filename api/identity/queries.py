@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
 from api.identity.vneid import Dependent, IdTokenClaims
 
-_USER_COLUMNS = "u.id, u.personal_id, u.full_name, u.birthdate, u.sex, u.phone, u.health_insurance_number, u.locale"
+_USER_COLUMNS = (
+    "u.id, u.personal_id, u.full_name, u.birthdate, u.sex, u.phone, u.health_insurance_number, u.locale"
+)
 
 
 async def upsert_citizen(conn: asyncpg.Connection, claims: IdTokenClaims) -> uuid.UUID:
@@ -64,13 +67,17 @@ async def link_guardian(
 
 
 async def replace_vneid_dependents(
-    conn: asyncpg.Connection, guardian_id: uuid.UUID, dependents: list[tuple[Dependent, str]]
+    conn: asyncpg.Connection, guardian_id: uuid.UUID, dependents: Sequence[tuple[Dependent, str]]
 ) -> None:
     """Make the VNeID-sourced guardianships exactly the claim's list (with each dependent's sex)."""
     kept: list[uuid.UUID] = []
     for dependent, sex in dependents:
         dependent_id = await ensure_person(
-            conn, personal_id=dependent.personal_id, name=dependent.name, birthdate=dependent.birthdate, sex=sex
+            conn,
+            personal_id=dependent.personal_id,
+            name=dependent.name,
+            birthdate=dependent.birthdate,
+            sex=sex,
         )
         if dependent_id == guardian_id:
             continue
@@ -120,7 +127,8 @@ async def spend_refresh_token(conn: asyncpg.Connection, token_hash: bytes) -> as
 
 async def session_of_token(conn: asyncpg.Connection, token_hash: bytes) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        "SELECT session_id, spent_at IS NOT NULL AS spent FROM refresh_tokens WHERE token_hash = $1", token_hash
+        "SELECT session_id, spent_at IS NOT NULL AS spent FROM refresh_tokens WHERE token_hash = $1",
+        token_hash,
     )
 
 
@@ -166,7 +174,7 @@ async def update_profile(conn: asyncpg.Connection, user_id: uuid.UUID, changes: 
     columns = list(changes)
     assignments = ", ".join(f"{column} = ${i}" for i, column in enumerate(columns, start=2))
     await conn.execute(
-        f"UPDATE users SET {assignments}, updated_at = now() WHERE id = $1",  # noqa: S608 (columns from a fixed set)
+        f"UPDATE users SET {assignments}, updated_at = now() WHERE id = $1",
         user_id,
         *changes.values(),
     )

@@ -55,7 +55,7 @@ async def _token_pair(conn: asyncpg.Connection, state: State, issued: sessions.I
     return TokenPair(
         access_token=issued.access_token,
         refresh_token=issued.refresh_token,
-        token_type="Bearer",
+        token_type="Bearer",  # noqa: S106 (a scheme name, not a secret)
         expires_in=state.settings.access_token_ttl,
         user=user_out(CurrentUser.from_row(row, issued.session_id)),
     )
@@ -77,9 +77,15 @@ class AuthController(Controller):
         responses=error_responses("invalid_id_token", "invalid_personal_id", "rate_limited"),
     )
     async def sign_in_with_vneid(
-        self, request: AnyRequest, state: State, data: JSONBody[VneidSignIn], db: NamedDependency[asyncpg.Connection]
+        self,
+        request: AnyRequest,
+        state: State,
+        data: JSONBody[VneidSignIn],
+        db: NamedDependency[asyncpg.Connection],
     ) -> TokenPair:
-        await state.rate_limiter.hit("sign-in", _client_ip(request), limit=state.settings.sign_in_rate_per_minute)
+        await state.rate_limiter.hit(
+            "sign-in", _client_ip(request), limit=state.settings.sign_in_rate_per_minute
+        )
         try:
             claims = await state.vneid_verifier.verify(data.id_token)
         except InvalidIdToken:
@@ -94,8 +100,12 @@ class AuthController(Controller):
         status_code=200,
         responses=error_responses("invalid_refresh_token", "refresh_token_reused", "rate_limited"),
     )
-    async def refresh_tokens(self, request: AnyRequest, state: State, data: JSONBody[RefreshRequest]) -> TokenPair:
-        await state.rate_limiter.hit("refresh", _client_ip(request), limit=state.settings.sign_in_rate_per_minute * 3)
+    async def refresh_tokens(
+        self, request: AnyRequest, state: State, data: JSONBody[RefreshRequest]
+    ) -> TokenPair:
+        await state.rate_limiter.hit(
+            "refresh", _client_ip(request), limit=state.settings.sign_in_rate_per_minute * 3
+        )
         async with state.db_pool.acquire() as conn:
             issued = await sessions.refresh(conn, state.settings, data.refresh_token)
             return await _token_pair(conn, state, issued)
@@ -117,7 +127,11 @@ class MeController(Controller):
     path = "/v1/me"
     tags = ["identity"]
 
-    @get(operation_id="getMe", summary="The signed-in user's profile and roles", responses=error_responses("unauthorized"))
+    @get(
+        operation_id="getMe",
+        summary="The signed-in user's profile and roles",
+        responses=error_responses("unauthorized"),
+    )
     async def get_me(self, request: SignedInRequest) -> UserOut:
         return user_out(request.user)
 

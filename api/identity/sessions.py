@@ -19,7 +19,9 @@ log = logging.getLogger("telehealth.identity")
 
 
 class IssuedTokens:
-    def __init__(self, access_token: str, refresh_token: str, user_id: uuid.UUID, session_id: uuid.UUID) -> None:
+    def __init__(
+        self, access_token: str, refresh_token: str, user_id: uuid.UUID, session_id: uuid.UUID
+    ) -> None:
         self.access_token = access_token
         self.refresh_token = refresh_token
         self.user_id = user_id
@@ -62,7 +64,9 @@ async def refresh(conn: asyncpg.Connection, settings: Settings, refresh_token: s
     raise ApiError("invalid_refresh_token")
 
 
-async def logout(conn: asyncpg.Connection, user_id: uuid.UUID, session_id: uuid.UUID, *, everywhere: bool) -> None:
+async def logout(
+    conn: asyncpg.Connection, user_id: uuid.UUID, session_id: uuid.UUID, *, everywhere: bool
+) -> None:
     if everywhere:
         await queries.revoke_all_sessions(conn, user_id, "logout_everywhere")
     else:

@@ -51,8 +51,15 @@ def verify_access_token(settings: Settings, token: str) -> AccessClaims:
             algorithms=[ACCESS_ALGORITHM],
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
-            options={"require_exp": True, "require_iat": True, "require_aud": True,
-                     "require_iss": True, "require_sub": True, "require_jti": True, "leeway": 0},
+            options={
+                "require_exp": True,
+                "require_iat": True,
+                "require_aud": True,
+                "require_iss": True,
+                "require_sub": True,
+                "require_jti": True,
+                "leeway": 0,
+            },
         )
     except JWTError as exc:
         raise InvalidToken(str(exc)) from None

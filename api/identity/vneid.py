@@ -106,8 +106,14 @@ class VneidVerifier:
                 algorithms=[alg],
                 audience=self.config.audience,
                 issuer=self.config.issuer,
-                options={"require_exp": True, "require_iat": True, "require_aud": True,
-                         "require_iss": True, "require_sub": True, "leeway": self.leeway},
+                options={
+                    "require_exp": True,
+                    "require_iat": True,
+                    "require_aud": True,
+                    "require_iss": True,
+                    "require_sub": True,
+                    "leeway": self.leeway,
+                },
             )
         except JWTError as exc:
             raise InvalidIdToken(str(exc)) from None

@@ -1,0 +1,1 @@
+"""Telehealth HTTP API and its domains."""
