@@ -10,6 +10,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.plugins.prometheus import PrometheusConfig
 from redis.asyncio import Redis
@@ -110,6 +111,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             version="1",
             description=API_DESCRIPTION,
             path="/docs",
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}
+            ),
             render_plugins=[ScalarRenderPlugin()],
         ),
         logging_config=None,  # ours: JSON lines with redaction (api/observability.py)

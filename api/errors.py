@@ -186,16 +186,25 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
     )
 
 
+BEARER: dict[str, list[str]] = {"bearer": []}
+"""OpenAPI security requirement of the routes that need a signed-in caller."""
+
+
 def error_responses(*codes: str) -> dict[int, Any]:
-    """OpenAPI `responses=` entries for the errors a route can return."""
+    """OpenAPI `responses=` entries: the errors a route names, plus those any route can return."""
     from litestar.openapi.datastructures import ResponseSpec
 
-    statuses = sorted({MESSAGES[code][0] for code in codes} | {422})
+    always = {400: "malformed request", 422: "validation_failed", 500: "internal_error"}
+    by_status: dict[int, list[str]] = {}
+    for code in codes:
+        by_status.setdefault(MESSAGES[code][0], []).append(code)
+    for status, code in always.items():
+        by_status.setdefault(status, []).append(code)
     return {
         status: ResponseSpec(
             data_container=Problem,
-            description=", ".join(c for c in codes if MESSAGES[c][0] == status) or "validation_failed",
+            description="Problem details; code: " + ", ".join(dict.fromkeys(names)),
             media_type="application/problem+json",
         )
-        for status in statuses
+        for status, names in sorted(by_status.items())
     }

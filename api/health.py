@@ -25,7 +25,7 @@ class HealthController(Controller):
     path = "/health"
     tags = ["operations"]
 
-    @get("/live", operation_id="live", summary="The process is up")
+    @get("/live", operation_id="live", summary="The process is up", responses=error_responses())
     async def live(self) -> Check:
         return Check(status="ok")
 

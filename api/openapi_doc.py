@@ -8,8 +8,11 @@ from api.settings import Settings
 
 
 def openapi_json() -> str:
+    from litestar.serialization import encode_json
+
     from api.app import create_app
 
     # Fixed default settings: the document must not depend on the environment it is built in.
     app = create_app(Settings())
-    return json.dumps(app.openapi_schema.to_schema(), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+    schema = json.loads(encode_json(app.openapi_schema.to_schema()))
+    return json.dumps(schema, indent=2, ensure_ascii=False, sort_keys=True) + "\n"

@@ -25,7 +25,7 @@ from api.directory.models import (
     StaffOut,
 )
 from api.directory.routes import doctor_out, service_out
-from api.errors import ApiError, error_responses
+from api.errors import BEARER, ApiError, error_responses
 from api.identity import queries as identity_queries
 from api.identity.current_user import CurrentUser
 from api.identity.personal_id import is_valid_personal_id, mask_personal_id, sex_from_personal_id
@@ -57,6 +57,7 @@ def staff_out(row: asyncpg.Record) -> StaffOut:
 
 class FacilityAdminController(Controller):
     path = "/v1/admin/facilities/{facility_id:uuid}"
+    security = [BEARER]
     tags = ["facility administration"]
 
     @post(

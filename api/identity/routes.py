@@ -12,7 +12,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
-from api.errors import ApiError, error_responses
+from api.errors import BEARER, ApiError, error_responses
 from api.identity import queries, sessions
 from api.identity.current_user import CurrentUser
 from api.identity.insurance import is_valid_insurance_number, normalize_insurance_number
@@ -113,6 +113,7 @@ class AuthController(Controller):
     @post(
         "/logout",
         operation_id="logout",
+        security=[BEARER],
         summary="End this session, or every session of the user",
         status_code=204,
         responses=error_responses("unauthorized"),
@@ -125,6 +126,7 @@ class AuthController(Controller):
 
 class MeController(Controller):
     path = "/v1/me"
+    security = [BEARER]
     tags = ["identity"]
 
     @get(
