@@ -16,11 +16,20 @@ Connection = asyncpg.Connection  # re-exported for type hints in the domains
 Pool = asyncpg.Pool
 
 
+async def _no_session_reset(conn: Connection) -> None:
+    """Skip asyncpg's per-release `RESET ALL …` round trip.
+
+    Pooled connections never carry session state here (no SET, LISTEN or advisory locks:
+    those use their own direct connections); an open transaction is still rolled back by asyncpg.
+    """
+
+
 async def create_pool(dsn: str, *, min_size: int, max_size: int) -> Pool:
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
+        reset=_no_session_reset,
         command_timeout=30,
         server_settings={"application_name": "telehealth", "timezone": "UTC"},
     )
