@@ -8,8 +8,10 @@ anything unexpected into it, so clients see one shape and never a stack trace.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
+import asyncpg
 import msgspec
 from litestar import Request
 from litestar.exceptions import HTTPException, ValidationException
@@ -159,18 +161,31 @@ def _from_http_exception(exc: HTTPException) -> ApiError:
     return ApiError(code, status_code=exc.status_code, headers=exc.headers)
 
 
+# msgspec names a missing or unknown key only in its message; Litestar then reports the enclosing object.
+_NAMED_KEY = re.compile(r"(?:missing required field|unknown field) `([^`]+)`")
+
+
 def _from_validation(exc: ValidationException) -> ApiError:
     errors = []
     for item in exc.extra if isinstance(exc.extra, list) else []:
         if isinstance(item, dict):
             key = str(item.get("key") or item.get("source") or "body")
-            errors.append(FieldError(field=key, message=str(item.get("message", "invalid"))))
+            message = str(item.get("message", "invalid"))
+            if item.get("source") == "body" and (named := _NAMED_KEY.search(message)):
+                key = named.group(1) if key == "data" else f"{key}.{named.group(1)}"
+            errors.append(FieldError(field=key, message=message))
     if not errors:
         errors.append(FieldError(field="body", message=str(exc.detail)))
     return ApiError("validation_failed", errors=errors)
 
 
 def _from_unexpected(exc: Exception) -> ApiError:
+    if isinstance(exc, asyncpg.CharacterNotInRepertoireError):
+        # Text PostgreSQL cannot store (a NUL character) came from the client: its error, not ours.
+        return ApiError(
+            "validation_failed",
+            errors=[FieldError(field="request", message="Text must not contain NUL characters")],
+        )
     log.error("unhandled error", exc_info=exc)
     return ApiError("internal_error")
 
@@ -205,6 +220,8 @@ def error_responses(*codes: str) -> dict[int, Any]:
             data_container=Problem,
             description="Problem details; code: " + ", ".join(dict.fromkeys(names)),
             media_type="application/problem+json",
+            # Generated examples are random text, and differ each time a document is built in one process.
+            generate_examples=False,
         )
         for status, names in sorted(by_status.items())
     }

@@ -38,7 +38,8 @@ class Migration(msgspec.Struct, frozen=True):
 
 def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     found: list[Migration] = []
-    for path in sorted(directory.glob("*.sql")):
+    # Any case of `.sql`: a `0002_x.SQL` must be refused by name, not silently skipped.
+    for path in sorted(p for p in directory.iterdir() if p.suffix.lower() == ".sql"):
         match = _NAME.match(path.name)
         if not match:
             raise MigrationError(f"{path.name}: migration files are named NNNN_lower_snake.sql")
@@ -91,14 +92,18 @@ async def _apply(conn: asyncpg.Connection, migrations: list[Migration]) -> list[
     for migration in migrations:
         if migration.version in applied:
             continue
-        async with conn.transaction():
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                migration.version,
-                migration.name,
-                migration.checksum,
-            )
+        try:
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
+        except asyncpg.PostgresError as exc:
+            # Name the file: the driver's error alone does not say which migration failed.
+            raise MigrationError(f"{migration.name} failed and was rolled back: {exc}") from exc
         log.info("migration applied", extra={"migration": migration.name})
         done.append(migration.name)
     return done

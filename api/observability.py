@@ -30,9 +30,16 @@ _NO_STORE = (b"cache-control", b"no-store")
 _REDACTIONS = [
     (re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [redacted]"),
     (re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "[jwt redacted]"),
-    (re.compile(r"(?<!\d)(\d{3})\d{7}(\d{2})(?!\d)"), r"\1*******\2"),
+    # 12 digits, but not a run inside a hex request id or the last group of a UUID (ids must stay searchable).
     (
-        re.compile(r"(?i)((?:refresh_token|id_token|access_token|ticket)[\"']?\s*[:=]\s*[\"']?)[^\"'&\s,}]+"),
+        re.compile(r"(?<![0-9A-Fa-f])(?<![0-9A-Fa-f]{4}-)(\d{3})\d{7}(\d{2})(?![0-9A-Fa-f])"),
+        r"\1*******\2",
+    ),
+    (
+        # The quotes may be escaped (\"): a JSON body inside a message is escaped again by the formatter.
+        re.compile(
+            r"(?i)((?:refresh_token|id_token|access_token|ticket)\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\\\"'&\s,}]+"
+        ),
         r"\1[redacted]",
     ),
 ]

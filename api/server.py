@@ -12,7 +12,9 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import tempfile
+from types import FrameType
 
 import uvicorn
 
@@ -38,7 +40,15 @@ def prepare_database(settings: Settings) -> str:
     return url
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; with the default
+    # handler that killed the process before `finally` and atexit ran, leaving the embedded
+    # PostgreSQL running. Turn SIGTERM into a normal exit so both run.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     url = prepare_database(settings)
     print(f"telehealth: database {url}", flush=True)
     if settings.dev_issuer_enabled:

@@ -100,7 +100,7 @@ class FacilityAdminController(Controller):
         "/doctors",
         operation_id="createDoctor",
         summary="Add a doctor to the directory (with their personal ID, the doctor role too)",
-        responses=error_responses(*ADMIN_ERRORS, "invalid_personal_id"),
+        responses=error_responses(*ADMIN_ERRORS, "invalid_personal_id", "conflict"),
     )
     async def create_doctor(
         self,
@@ -112,7 +112,10 @@ class FacilityAdminController(Controller):
         _require(request, facility_id, "admin")
         if data.personal_id is not None and not is_valid_personal_id(data.personal_id):
             raise ApiError("invalid_personal_id")
-        doctor_id = await queries.insert_doctor(db, facility_id, msgspec.structs.asdict(data))
+        try:
+            doctor_id = await queries.insert_doctor(db, facility_id, msgspec.structs.asdict(data))
+        except asyncpg.UniqueViolationError:  # that personal ID is another doctor entry here already
+            raise ApiError("conflict") from None
         row = await queries.get_doctor(db, doctor_id)
         assert row is not None
         return doctor_out(row)

@@ -220,12 +220,12 @@ async def update_doctor(
 async def add_staff(
     conn: asyncpg.Connection, facility_id: uuid.UUID, personal_id: str, role: str
 ) -> asyncpg.Record:
+    # DO UPDATE (a no-op) rather than DO NOTHING + SELECT: the SELECT's snapshot would miss a row a
+    # concurrent grant of the same role has just committed, and return nothing.
     row: asyncpg.Record | None = await conn.fetchrow(
-        """WITH inserted AS (
-               INSERT INTO staff (personal_id, facility_id, role) VALUES ($1, $2, $3)
-               ON CONFLICT (personal_id, facility_id, role) DO NOTHING RETURNING id)
-           SELECT id FROM inserted
-           UNION ALL SELECT id FROM staff WHERE personal_id = $1 AND facility_id = $2 AND role = $3""",
+        """INSERT INTO staff (personal_id, facility_id, role) VALUES ($1, $2, $3)
+           ON CONFLICT (personal_id, facility_id, role) DO UPDATE SET role = EXCLUDED.role
+           RETURNING id""",
         personal_id,
         facility_id,
         role,

@@ -6,9 +6,9 @@ import re
 
 from api.identity.personal_id import is_valid_personal_id
 
-_SOCIAL_INSURANCE = re.compile(r"^\d{10}$")
+_SOCIAL_INSURANCE = re.compile(r"^\d{10}$", re.ASCII)
 # Legacy card code: beneficiary group, benefit level 1–5, province, social-insurance number.
-_LEGACY_CARD = re.compile(r"^[A-Z]{2}[1-5]\d{2}\d{10}$")
+_LEGACY_CARD = re.compile(r"^[A-Z]{2}[1-5]\d{2}\d{10}$", re.ASCII)
 
 
 def normalize_insurance_number(value: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-_PHONE = re.compile(r"^(?:\+?84|0)([35789]\d{8})$")
+_PHONE = re.compile(r"^(?:\+?84|0)([35789]\d{8})$", re.ASCII)
 
 
 def normalize_phone(value: str) -> str | None:

@@ -107,8 +107,9 @@ class AuthController(Controller):
             "refresh", _client_ip(request), limit=state.settings.sign_in_rate_per_minute * 3
         )
         async with state.db_pool.acquire() as conn:
-            issued = await sessions.refresh(conn, state.settings, data.refresh_token)
-            return await _token_pair(conn, state, issued)
+            return await sessions.refresh(
+                conn, state.settings, data.refresh_token, lambda issued: _token_pair(conn, state, issued)
+            )
 
     @post(
         "/logout",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
 
@@ -16,6 +18,8 @@ from api.identity.vneid import IdTokenClaims
 from api.settings import Settings
 
 log = logging.getLogger("telehealth.identity")
+
+T = TypeVar("T")
 
 
 class IssuedTokens:
@@ -46,16 +50,25 @@ async def sign_in(conn: asyncpg.Connection, settings: Settings, claims: IdTokenC
     return await _issue(conn, settings, user_id, session_id)
 
 
-async def refresh(conn: asyncpg.Connection, settings: Settings, refresh_token: str) -> IssuedTokens:
-    """Spend the token and issue the next pair; a spent token coming back revokes its family.
+async def refresh(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    refresh_token: str,
+    respond: Callable[[IssuedTokens], Awaitable[T]],
+) -> T:
+    """Spend the token, issue the next pair and answer with `respond`; a spent token coming back
+    revokes its family.
 
     Runs its own transactions: the revocation must commit even though the call then fails.
+    `respond` runs inside the spending transaction: a concurrent request with the same token
+    waits on the row lock until it commits, so that request's family revocation cannot land
+    between this rotation and its answer (which would turn the one winner into a 500).
     """
     token_hash = hash_refresh_token(refresh_token)
     async with conn.transaction():
         spent = await queries.spend_refresh_token(conn, token_hash)
         if spent is not None:
-            return await _issue(conn, settings, spent["user_id"], spent["session_id"])
+            return await respond(await _issue(conn, settings, spent["user_id"], spent["session_id"]))
     known = await queries.session_of_token(conn, token_hash)
     if known is not None and known["spent"]:
         # A spent token came back: someone holds a copy. End the whole family (RFC 9700 §4.14.2).
