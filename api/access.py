@@ -61,8 +61,12 @@ def rule_for(method: str, path_template: str) -> Rule | None:
     return ROUTE_ROLES.get(("GET" if method == "HEAD" else method, path_template))
 
 
-def authorize(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """App-wide guard: look the route up in the table and compare with the caller's roles."""
+async def authorize(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """App-wide guard: look the route up in the table and compare with the caller's roles.
+
+    Async on purpose: Litestar runs a sync guard in a thread pool, which cost a quarter of
+    the server's time under load (bench/README.md).
+    """
     method = str(connection.scope.get("method") or "WEBSOCKET")
     if method == "OPTIONS":
         return
