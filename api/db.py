@@ -6,8 +6,10 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+from litestar import Request
 from litestar.datastructures import State
 
 log = logging.getLogger("telehealth.db")
@@ -35,15 +37,20 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> Pool:
     )
 
 
-async def provide_db(state: State) -> AsyncGenerator[Connection, None]:
-    """A connection inside a transaction for one HTTP request.
+async def provide_db(state: State, request: Request[Any, Any, Any]) -> AsyncGenerator[Connection, None]:
+    """A connection for one HTTP request; inside a transaction unless the request only reads.
 
     The transaction rolls back when the handler raises, so a failed request writes nothing.
+    GET and HEAD handlers only read, so they skip BEGIN/COMMIT (two round trips).
     Never give this to a WebSocket handler: it would hold a connection for the whole call.
     """
     pool: Pool = state.db_pool
-    async with pool.acquire() as conn, conn.transaction():
-        yield conn  # type: ignore[misc]
+    async with pool.acquire() as conn:
+        if request.method in ("GET", "HEAD"):
+            yield conn  # type: ignore[misc]
+            return
+        async with conn.transaction():
+            yield conn  # type: ignore[misc]
 
 
 def start_embedded_postgres(data_dir: Path) -> str:
