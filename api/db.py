@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,29 @@ async def _no_session_reset(conn: Connection) -> None:
     """
 
 
-async def create_pool(dsn: str, *, min_size: int, max_size: int) -> Pool:
-    return await asyncpg.create_pool(
+class FairPool:
+    """The asyncpg pool behind a first-come-first-served gate.
+
+    asyncpg hands a just-released connection to whichever task asks next, so under load a
+    request can lose its turn again and again (p99 of hundreds of ms at 64 connections on a
+    pool of 10, bench/README.md). The FIFO semaphore serves waiters in arrival order.
+    """
+
+    def __init__(self, pool: Pool, size: int) -> None:
+        self.pool = pool
+        self._gate = asyncio.Semaphore(size)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Connection]:
+        async with self._gate, self.pool.acquire() as conn:
+            yield conn  # type: ignore[misc]
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int) -> FairPool:
+    pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
@@ -35,6 +57,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> Pool:
         command_timeout=30,
         server_settings={"application_name": "telehealth", "timezone": "UTC"},
     )
+    return FairPool(pool, max_size)
 
 
 async def provide_db(state: State, request: Request[Any, Any, Any]) -> AsyncGenerator[Connection, None]:
@@ -44,13 +67,13 @@ async def provide_db(state: State, request: Request[Any, Any, Any]) -> AsyncGene
     GET and HEAD handlers only read, so they skip BEGIN/COMMIT (two round trips).
     Never give this to a WebSocket handler: it would hold a connection for the whole call.
     """
-    pool: Pool = state.db_pool
+    pool: FairPool = state.db_pool
     async with pool.acquire() as conn:
         if request.method in ("GET", "HEAD"):
-            yield conn  # type: ignore[misc]
+            yield conn
             return
         async with conn.transaction():
-            yield conn  # type: ignore[misc]
+            yield conn
 
 
 def start_embedded_postgres(data_dir: Path) -> str:

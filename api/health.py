@@ -36,7 +36,7 @@ class HealthController(Controller):
         responses=error_responses("service_unavailable"),
     )
     async def ready(self, state: State) -> Response[Check]:
-        database = await _probe(state.db_pool.fetchval("SELECT 1"))
+        database = await _probe(_select_one(state))
         redis = "not_configured" if state.redis is None else await _probe(state.redis.ping())
         ok = database == "ok" and redis != "down"
         return Response(
@@ -49,6 +49,11 @@ class MetricsController(PrometheusController):
     """Prometheus metrics, merged across workers; operational, so not part of the public API document."""
 
     include_in_schema = False
+
+
+async def _select_one(state: State) -> None:
+    async with state.db_pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
 
 
 async def _probe(check: Any) -> str:

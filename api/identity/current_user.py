@@ -81,7 +81,8 @@ class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
         except InvalidToken:
             raise ApiError("invalid_token") from None
         session_id = uuid.UUID(claims.sid)
-        row = await load_current_user(state.db_pool, uuid.UUID(claims.sub), session_id, claims.iat)
+        async with state.db_pool.acquire() as conn:
+            row = await load_current_user(conn, uuid.UUID(claims.sub), session_id, claims.iat)
         if row is None:
             raise ApiError("invalid_token")
         return AuthenticationResult(user=CurrentUser.from_row(row, session_id), auth=claims)

@@ -163,7 +163,7 @@ SELECT {_USER_COLUMNS},
 
 
 async def load_current_user(
-    conn: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUID, session_id: uuid.UUID, issued_at: int
+    conn: asyncpg.Connection, user_id: uuid.UUID, session_id: uuid.UUID, issued_at: int
 ) -> asyncpg.Record | None:
     return await conn.fetchrow(_CURRENT_USER, user_id, session_id, issued_at)
 
