@@ -11,15 +11,21 @@ import json
 import random
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jose import jwk, jwt
+from litestar import Litestar
 
+from api.app import create_app
 from api.identity.personal_id import sex_digit
+from api.settings import Settings
 
 _serial = itertools.count(random.randrange(100_000, 800_000))
 
@@ -212,3 +218,23 @@ async def grant_staff(db: Any, citizen: Citizen, facility_code: str, role: str) 
         role,
     )
     return facility_id
+
+
+def client_of(app: Litestar, client_ip: str = "127.0.0.1") -> httpx.AsyncClient:
+    """Requests to `app` as if from `client_ip`, run concurrently in this event loop."""
+    transport = httpx.ASGITransport(app=app, client=(client_ip, 50000))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver.local")
+
+
+@asynccontextmanager
+async def serve(
+    app_or_settings: Litestar | Settings, *, client_ip: str = "127.0.0.1"
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A fresh app (own pool, own JWKS cache) run in this event loop, so concurrent requests overlap.
+
+    The shared `client` fixture runs the app on another thread and handles one request at a
+    time. Enter this in the test itself: the app's lifespan must end in the task it started in.
+    """
+    app = app_or_settings if isinstance(app_or_settings, Litestar) else create_app(app_or_settings)
+    async with app.lifespan(), client_of(app, client_ip) as http:
+        yield http

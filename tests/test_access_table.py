@@ -9,15 +9,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import msgspec
 import pytest
 from litestar import Litestar
@@ -26,7 +24,7 @@ from litestar.routes import HTTPRoute, WebSocketRoute
 from api import access
 from api.access import PUBLIC, ROUTE_ROLES
 from api.app import create_app
-from tests.factories import Citizen, Session, child_of, grant_staff, personal_id, sign_in
+from tests.factories import Citizen, Session, child_of, grant_staff, personal_id, serve, sign_in
 
 FACILITY = "TTYT-MUONGANG"  # the facility this file's staff work at (other files use other ones)
 KNOWN_ROLES = {"citizen", "guardian", "doctor", "facility_staff", "admin"}
@@ -97,16 +95,8 @@ def test_facility_administration_is_never_public():
             assert rule == access.ADMIN, f"{method} {path} is for administrators only"
 
 
-@contextlib.asynccontextmanager
-async def running(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.lifespan():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver.local") as client:
-            yield client
-
-
 async def test_dev_issuer_keys_are_public_when_mounted(settings):
-    async with running(dev_app(settings)) as client:
+    async with serve(dev_app(settings)) as client:
         response = await client.get("/dev/vneid/jwks.json")
         assert response.status_code == 200
         assert response.json()["keys"][0]["kty"] == "RSA"

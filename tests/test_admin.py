@@ -4,18 +4,14 @@ front-desk staff record guardianships. Everything is checked through the API and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import re
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 
-from api.app import create_app
-from tests.factories import Citizen, Session, grant_staff, personal_id, sign_in
+from tests.factories import Citizen, Session, grant_staff, personal_id, serve, sign_in
 
 # Demo facilities these tests work in (other test files use other ones).
 HOME = "TTYT-MUONGCHA"
@@ -578,24 +574,8 @@ async def test_the_last_admin_cannot_be_removed(client, db, issuer):
     assert (await client.get(f"{base(fid)}/staff", headers=second.headers)).status_code == 200
 
 
-@contextlib.asynccontextmanager
-async def concurrent_client(settings) -> AsyncIterator[httpx.AsyncClient]:
-    """A client whose requests really run concurrently.
-
-    Litestar's AsyncTestClient hands each request to a portal thread and waits for it, so
-    `asyncio.gather` over it runs requests one after the other. Here the app runs in this
-    event loop, with its own pool, and every request interleaves with the others. (Entered in
-    the test itself: the app's lifespan must end in the task it started in.)
-    """
-    app = create_app(settings)
-    async with app.lifespan():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver.local") as client:
-            yield client
-
-
 async def test_two_admins_removing_each_other_concurrently_leave_one(client, db, issuer, settings):
-    async with concurrent_client(settings) as concurrent:
+    async with serve(settings) as concurrent:
         for _ in range(5):
             first, fid, first_citizen = await _only_admin(client, db, issuer, CONCURRENT)
             second, _, second_citizen = await staff_member(client, db, issuer, CONCURRENT, "admin")
@@ -861,7 +841,7 @@ async def test_granting_the_same_role_twice_at_once_gives_one_role(client, db, i
     for _ in range(5):
         pid = personal_id()
         body = {"personal_id": pid, "role": "facility_staff"}
-        async with concurrent_client(settings) as concurrent:
+        async with serve(settings) as concurrent:
             responses = await asyncio.gather(
                 *(concurrent.post(f"{base(fid)}/staff", json=body, headers=session.headers) for _ in range(4))
             )

@@ -11,43 +11,20 @@ import datetime as dt
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jwk
-from litestar import Litestar
 from redis.asyncio import Redis
 
 from api.app import create_app
 from api.identity import vneid
 from api.settings import Settings
 from tests.conftest import make_settings
-from tests.factories import Citizen, TestIssuer, b64, child_of, personal_id
-
-
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Litestar]:
-    """A fresh app (own JWKS cache, own pool) whose lifespan runs in this event loop."""
-    app = create_app(settings)
-    async with app.lifespan():
-        yield app
-
-
-def client_of(app: Litestar, client_ip: str = "127.0.0.1") -> httpx.AsyncClient:
-    """Requests to `app` as if from `client_ip`, run concurrently in this event loop."""
-    transport = httpx.ASGITransport(app=app, client=(client_ip, 50000))
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver.local")
-
-
-@asynccontextmanager
-async def serve(settings: Settings, *, client_ip: str = "127.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
-    async with running(settings) as app, client_of(app, client_ip) as http:
-        yield http
+from tests.factories import Citizen, TestIssuer, b64, child_of, client_of, personal_id, serve
 
 
 def documentation_ip() -> str:
@@ -522,7 +499,8 @@ async def test_sign_in_rate_limit_per_ip(database_url, redis_url, issuer, db):
         await asyncio.sleep(60 - time.time() % 60 + 0.1)
 
     settings = make_settings(database_url, redis_url, issuer, sign_in_rate_per_minute=3)
-    async with running(settings) as app, client_of(app, ip) as http, client_of(app, other_ip) as other:
+    app = create_app(settings)
+    async with app.lifespan(), client_of(app, ip) as http, client_of(app, other_ip) as other:
         for _ in range(3):
             assert (await post_token(http, issuer.id_token(Citizen()))).status_code == 200
         fourth = Citizen()

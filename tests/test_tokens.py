@@ -12,35 +12,16 @@ import json
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 from jose import jwt
-from litestar import Litestar
 
-from api.app import create_app
 from api.settings import Settings
 from tests.conftest import make_settings
-from tests.factories import Citizen, Session, TestIssuer, b64, grant_staff, sign_in
-
-
-@asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """A fresh app run in this event loop, so concurrent requests really overlap.
-
-    (The shared `client` runs the app on another thread and handles one request at a time.)
-    """
-    app: Litestar = create_app(settings)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.lifespan(),
-        httpx.AsyncClient(transport=transport, base_url="http://testserver.local") as http,
-    ):
-        yield http
+from tests.factories import Citizen, Session, TestIssuer, b64, grant_staff, serve, sign_in
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
+import msgspec
 
 from api.errors import ApiError
 from api.identity import queries
@@ -22,14 +23,11 @@ log = logging.getLogger("telehealth.identity")
 T = TypeVar("T")
 
 
-class IssuedTokens:
-    def __init__(
-        self, access_token: str, refresh_token: str, user_id: uuid.UUID, session_id: uuid.UUID
-    ) -> None:
-        self.access_token = access_token
-        self.refresh_token = refresh_token
-        self.user_id = user_id
-        self.session_id = session_id
+class IssuedTokens(msgspec.Struct, frozen=True):
+    access_token: str
+    refresh_token: str
+    user_id: uuid.UUID
+    session_id: uuid.UUID
 
 
 async def sign_in(conn: asyncpg.Connection, settings: Settings, claims: IdTokenClaims) -> IssuedTokens:

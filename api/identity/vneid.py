@@ -17,6 +17,7 @@ import httpx
 import msgspec
 from jose import JWTError, jwt
 
+from api.identity.tokens import REQUIRED_CLAIMS
 from api.settings import VneidConfig
 
 # Pinned asymmetric algorithms; anything else (none, HS*) is refused before any key lookup.
@@ -106,14 +107,7 @@ class VneidVerifier:
                 algorithms=[alg],
                 audience=self.config.audience,
                 issuer=self.config.issuer,
-                options={
-                    "require_exp": True,
-                    "require_iat": True,
-                    "require_aud": True,
-                    "require_iss": True,
-                    "require_sub": True,
-                    "leeway": self.leeway,
-                },
+                options={**REQUIRED_CLAIMS, "leeway": self.leeway},
             )
         except JWTError as exc:
             raise InvalidIdToken(str(exc)) from None
