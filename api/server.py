@@ -9,6 +9,7 @@ take an advisory lock) and no demo data is loaded unless `telehealth seed` is ru
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -17,7 +18,9 @@ import tempfile
 from types import FrameType
 
 import uvicorn
+from litestar import Litestar
 
+from api.app import create_app
 from api.db import ensure_database, start_embedded_postgres
 from api.demo.seed import seed
 from api.identity.dev_issuer import load_or_create_key
@@ -38,6 +41,21 @@ def prepare_database(settings: Settings) -> str:
     asyncio.run(migrate(url))
     asyncio.run(seed(url))
     return url
+
+
+def _freeze_startup_heap() -> None:
+    # The tens of thousands of objects made at start-up (routes, models, the OpenAPI schema) live
+    # as long as the process. Left in the collector's oldest generation, each full collection
+    # walks them all: a 40 ms pause about once a second under load, which set the p99.
+    gc.collect()
+    gc.freeze()
+
+
+def served_app() -> Litestar:
+    """The app as each uvicorn worker runs it."""
+    app = create_app()
+    app.on_startup.append(_freeze_startup_heap)
+    return app
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -61,7 +79,7 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         uvicorn.run(
-            "api.app:create_app",
+            "api.server:served_app",
             factory=True,
             host=host,
             port=port,

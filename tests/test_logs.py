@@ -124,7 +124,6 @@ async def test_a_whole_session_leaves_no_secret_in_logs(client, issuer, logs, mo
     assert response.status_code == 200
 
     # An unhandled error whose message carries a personal ID and a credential (as a driver error might).
-    facility_id = (await client.get("/v1/facilities", params={"limit": 1})).json()["items"][0]["id"]
     access_token = refreshed["access_token"]
 
     async def broken(*args: Any, **kwargs: Any) -> Any:
@@ -133,9 +132,9 @@ async def test_a_whole_session_leaves_no_secret_in_logs(client, issuer, logs, mo
             f'body {{"refresh_token": "{refreshed["refresh_token"]}"}}'
         )
 
-    monkeypatch.setattr(api.directory.queries, "get_facility", broken)
+    monkeypatch.setattr(api.directory.queries, "list_facilities", broken)
     response = await client.get(
-        f"/v1/facilities/{facility_id}",
+        "/v1/facilities",
         headers={"Authorization": f"Bearer {access_token}", "X-Request-ID": rid["boom"]},
     )
     assert response.status_code == 500
@@ -165,7 +164,7 @@ async def test_a_whole_session_leaves_no_secret_in_logs(client, issuer, logs, mo
         "me": ("GET", "/v1/me", 200),
         "bad": ("POST", "/v1/auth/vneid", 401),
         "q": ("GET", "/v1/facilities", 200),
-        "boom": ("GET", "/v1/facilities/{facility_id}", 500),
+        "boom": ("GET", "/v1/facilities", 500),
     }
     for name, (method, route, status) in expected.items():
         line = logs.access_for(rid[name])

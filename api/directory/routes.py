@@ -32,6 +32,11 @@ SearchText = Annotated[
     ),
 ]
 
+# A facility's or doctor's public page is the same for every caller and changes rarely, so each
+# worker answers it from memory for a few seconds: an administrator's edit shows within that
+# time. Only these by-id pages are cached (a bounded set); searches always read the database.
+DETAIL_CACHE_SECONDS = 5
+
 
 def facility_out(row: asyncpg.Record) -> FacilityOut:
     return FacilityOut(
@@ -108,6 +113,7 @@ class FacilityController(Controller):
     @get(
         "/{facility_id:uuid}",
         operation_id="getFacility",
+        cache=DETAIL_CACHE_SECONDS,
         summary="One facility",
         responses=error_responses("not_found"),
     )
@@ -173,6 +179,7 @@ class DoctorController(Controller):
     @get(
         "/{doctor_id:uuid}",
         operation_id="getDoctor",
+        cache=DETAIL_CACHE_SECONDS,
         summary="One doctor",
         responses=error_responses("not_found"),
     )
