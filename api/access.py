@@ -7,12 +7,16 @@ by the domain code after this gate.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+import uuid
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from api.errors import ApiError
+
+if TYPE_CHECKING:
+    from api.identity.current_user import CurrentUser
 
 PUBLIC: Final = "public"
 Rule = frozenset[str] | Literal["public"]
@@ -39,6 +43,13 @@ ROUTE_ROLES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/me"): CITIZEN,
     ("PATCH", "/v1/me"): CITIZEN,
     ("GET", "/v1/me/dependents"): CITIZEN,
+    # notifications
+    ("POST", "/v1/devices"): CITIZEN,
+    ("DELETE", "/v1/devices/{device_id}"): CITIZEN,
+    ("GET", "/v1/notifications"): CITIZEN,
+    ("POST", "/v1/notifications/{notification_id}/read"): CITIZEN,
+    ("GET", "/v1/me/notification-preferences"): CITIZEN,
+    ("PUT", "/v1/me/notification-preferences"): CITIZEN,
     # directory
     ("GET", "/v1/facilities"): PUBLIC,
     ("GET", "/v1/facilities/{facility_id}"): PUBLIC,
@@ -54,6 +65,8 @@ ROUTE_ROLES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/admin/facilities/{facility_id}/staff"): ADMIN,
     ("DELETE", "/v1/admin/facilities/{facility_id}/staff/{staff_id}"): ADMIN,
     ("POST", "/v1/admin/facilities/{facility_id}/guardianships"): FRONT_DESK,
+    ("GET", "/v1/admin/facilities/{facility_id}/notifications/dead-letters"): FRONT_DESK,
+    ("POST", "/v1/admin/facilities/{facility_id}/notifications/{notification_id}/requeue"): FRONT_DESK,
 }
 
 
@@ -79,4 +92,10 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRoute
     if user is None:
         raise ApiError("unauthorized")
     if not rule & user.roles:
+        raise ApiError("forbidden")
+
+
+def require_at(user: CurrentUser, facility_id: uuid.UUID, *roles: str) -> None:
+    """Object-level check for facility routes: one of `roles` at this very facility, not just somewhere."""
+    if not user.is_at(facility_id, *roles):
         raise ApiError("forbidden")

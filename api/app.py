@@ -26,6 +26,12 @@ from api.health import HealthController, MetricsController, dev_issuer_jwks
 from api.identity.current_user import BearerAuthenticationMiddleware
 from api.identity.routes import AuthController, MeController
 from api.identity.vneid import VneidVerifier
+from api.notifications.routes import (
+    DeadLetterController,
+    DeviceController,
+    InboxController,
+    PreferencesController,
+)
 from api.observability import RequestContextMiddleware, configure_logging
 from api.ratelimit import RateLimiter
 from api.settings import Settings, SettingsError, load_settings
@@ -66,7 +72,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
         )
         try:
-            yield
+            if settings.worker_in_process:
+                from notifications.runner import running_worker  # firebase-admin only where it is used
+
+                async with running_worker(settings, app.state.db_pool):
+                    yield
+            else:
+                yield
         finally:
             await app.state.db_pool.close()
             if redis is not None:
@@ -80,6 +92,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         FacilityController,
         DoctorController,
         FacilityAdminController,
+        DeviceController,
+        InboxController,
+        PreferencesController,
+        DeadLetterController,
     ]
     if settings.dev_issuer_enabled:
         route_handlers.append(dev_issuer_jwks)

@@ -1,4 +1,4 @@
-"""The `telehealth` command: serve, migrate, seed, openapi, dev-token, staff."""
+"""The `telehealth` command: serve, worker, migrate, seed, openapi, dev-token, staff."""
 
 from __future__ import annotations
 
@@ -42,6 +42,19 @@ def serve(host: str, port: int, workers: int) -> None:
     from api.server import serve as run
 
     run(_settings(), host=host, port=port, workers=workers)
+
+
+@main.command()
+def worker() -> None:
+    """Send notifications through FCM; run one or more of these beside the API in production."""
+    from notifications.runner import run_standalone
+
+    settings = _settings()
+    if not settings.database_url:
+        raise click.ClickException(
+            "DATABASE_URL: not set (in dev, `telehealth serve` runs the worker in its own process)"
+        )
+    asyncio.run(run_standalone(settings))
 
 
 @main.command()

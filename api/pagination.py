@@ -7,8 +7,10 @@ secret and is validated like any other input.
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Annotated, Any
 
+import asyncpg
 import msgspec
 from litestar.params import QueryParameter
 
@@ -27,6 +29,15 @@ Cursor = Annotated[
 
 def encode_cursor(*key: Any) -> str:
     return base64.urlsafe_b64encode(msgspec.json.encode(key)).decode().rstrip("=")
+
+
+def next_cursor(rows: Sequence[asyncpg.Record], limit: int, *key: str) -> str | None:
+    """The cursor after a page. Pages fetch `limit + 1` rows: the extra one only says that more
+    exist; the cursor is the sort key (`key` columns) of the last row shown."""
+    if len(rows) <= limit:
+        return None
+    last = rows[limit - 1]
+    return encode_cursor(*(last[column] for column in key))
 
 
 def decode_cursor(cursor: str, *types: type) -> tuple[Any, ...]:

@@ -51,6 +51,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     outbound_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=30)] = 5.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # Push goes through FCM with this Firebase service-account file. Without one, dev sends to
+    # a local FCM emulator (notifications/fcm_emulator.py); production refuses to start.
+    fcm_credentials_file: str | None = None
+    # Another FCM endpoint (messages:send); tests and the benchmark point it at the emulator.
+    fcm_endpoint: str | None = None
+    # Where the notification worker runs: inside the API process (the dev default) or as
+    # separate `telehealth worker` processes (the production default).
+    notification_worker: Literal["in_process", "external"] | None = None
+    notification_batch_size: Annotated[int, msgspec.Meta(ge=1, le=500)] = 250
+    notification_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=50)] = 10
+    # How long a claimed message stays with the worker that claimed it before another may retry it.
+    notification_lease_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
+    notification_poll_seconds: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+
     @property
     def is_dev(self) -> bool:
         return self.env == "dev"
@@ -58,6 +72,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def dev_issuer_enabled(self) -> bool:
         return self.is_dev if self.dev_issuer is None else self.dev_issuer
+
+    @property
+    def worker_in_process(self) -> bool:
+        if self.notification_worker is None:
+            return self.is_dev
+        return self.notification_worker == "in_process"
 
     @property
     def data_path(self) -> Path:
@@ -126,3 +146,5 @@ def _check_consistency(settings: Settings) -> None:
         raise SettingsError("VNEID_ISSUER: production needs VNEID_ISSUER, VNEID_AUDIENCE and VNEID_JWKS_URL")
     if not settings.database_url:
         raise SettingsError("DATABASE_URL: production refuses the embedded database")
+    if not settings.fcm_credentials_file:
+        raise SettingsError("FCM_CREDENTIALS_FILE: production needs a Firebase service-account file")

@@ -19,10 +19,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from api.db import ensure_database, start_embedded_postgres
+from api.db import FairPool, create_pool, ensure_database, start_embedded_postgres
 from api.demo.seed import seed
 from api.migrate import migrate
 from api.settings import Settings
+from notifications.fcm_emulator import FcmEmulator
 from tests.factories import TestIssuer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +90,8 @@ def make_settings(database_url: str, redis_url: str | None, issuer: TestIssuer, 
         "data_dir": tempfile.mkdtemp(prefix="telehealth-test-data-"),
         "sign_in_rate_per_minute": 100_000,
         "max_body_bytes": 64_000,
+        # Tests run the notification worker themselves (tests/test_notification_worker.py).
+        "notification_worker": "external",
     }
     values.update(overrides)
     return Settings(**values)
@@ -108,6 +111,29 @@ def app(settings: Settings) -> Litestar:
 async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
     async with AsyncTestClient(app=app) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def fcm() -> Iterator[FcmEmulator]:
+    """Plays FCM: the HTTP v1 API and the OAuth token exchange, on loopback, in its own thread."""
+    with FcmEmulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def fcm_clean(fcm: FcmEmulator) -> Iterator[FcmEmulator]:
+    """The emulator with no records, no outage and nothing held, before and after the test."""
+    fcm.reset()
+    yield fcm
+    fcm.reset()
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[FairPool]:
+    """A connection pool on the test database, as the worker uses one."""
+    pool = await create_pool(database_url, min_size=1, max_size=8)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import json
 import random
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jose import jwk, jwt
 from litestar import Litestar
 
+import notifications
 from api.app import create_app
 from api.identity.personal_id import sex_digit
 from api.settings import Settings
@@ -238,3 +240,39 @@ async def serve(
     app = app_or_settings if isinstance(app_or_settings, Litestar) else create_app(app_or_settings)
     async with app.lifespan(), client_of(app, client_ip) as http:
         yield http
+
+
+async def insert_user(db: Any, citizen: Citizen | None = None, *, locale: str = "vi") -> uuid.UUID:
+    """A user row as sign-in would leave it, without going through HTTP."""
+    citizen = citizen or Citizen()
+    user_id: uuid.UUID = await db.fetchval(
+        """INSERT INTO users (personal_id, full_name, birthdate, sex, locale)
+           VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+        citizen.personal_id,
+        citizen.name,
+        citizen.born,
+        citizen.gender,
+        locale,
+    )
+    return user_id
+
+
+async def insert_device(db: Any, user_id: uuid.UUID, token: str | None = None, *, locale: str = "vi") -> str:
+    """A registered device; returns its FCM token (unique unless given; see fcm_emulator's prefixes)."""
+    token = token or f"device-{uuid.uuid4().hex}"
+    await db.execute(
+        "INSERT INTO devices (user_id, token, platform, locale) VALUES ($1, $2, 'android', $3)",
+        user_id,
+        token,
+        locale,
+    )
+    return token
+
+
+async def notify(
+    db: Any, user_id: uuid.UUID, kind: str = "payment_failed", **options: Any
+) -> uuid.UUID | None:
+    """Enqueue one notification in its own transaction, as domain code would."""
+    params = options.pop("params", None) or {"invoice_id": uuid.uuid4()}
+    async with db.transaction():
+        return await notifications.enqueue(db, user_id, kind, params, **options)

@@ -91,8 +91,10 @@ def test_facility_administration_is_never_public():
     for (method, path), rule in ROUTE_ROLES.items():
         if path.startswith("/v1/admin/") or path.startswith("/v1/me") or path == "/v1/auth/logout":
             assert rule != PUBLIC, f"{method} {path} must not be public"
-        if path.startswith("/v1/admin/") and not path.endswith("/guardianships"):
-            assert rule == access.ADMIN, f"{method} {path} is for administrators only"
+        front_desk = path.endswith("/guardianships") or "/notifications/" in path
+        if path.startswith("/v1/admin/"):
+            expected = access.FRONT_DESK if front_desk else access.ADMIN
+            assert rule == expected, f"{method} {path} is for {sorted(expected)} only"
 
 
 async def test_dev_issuer_keys_are_public_when_mounted(settings):

@@ -24,6 +24,7 @@ PROD: dict[str, str] = {
     "VNEID_ISSUER": "https://vneid.gov.vn",
     "VNEID_AUDIENCE": "telehealth-dienbien",
     "VNEID_JWKS_URL": "https://vneid.gov.vn/.well-known/jwks.json",
+    "FCM_CREDENTIALS_FILE": "/run/secrets/firebase-service-account.json",
 }
 
 
@@ -115,6 +116,17 @@ def test_prod_refuses_no_vneid_at_all():
 def test_prod_refuses_missing_database_url():
     """Production never falls back to the embedded database."""
     assert refused(without("DATABASE_URL")).startswith("DATABASE_URL")
+
+
+def test_prod_refuses_to_run_without_push_credentials():
+    """Production never sends to the local FCM emulator."""
+    assert refused(without("FCM_CREDENTIALS_FILE")).startswith("FCM_CREDENTIALS_FILE")
+
+
+def test_worker_runs_in_process_in_dev_and_apart_in_prod():
+    assert load_settings({}).worker_in_process
+    assert not load_settings(PROD).worker_in_process
+    assert not load_settings({"NOTIFICATION_WORKER": "external"}).worker_in_process
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,11 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from litestar import Controller, Request, delete, get, patch, post
+from litestar import Controller, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
+from api.access import require_at
 from api.directory import queries
 from api.directory.models import (
     DoctorCreate,
@@ -27,17 +28,10 @@ from api.directory.models import (
 from api.directory.routes import doctor_out, service_out
 from api.errors import BEARER, ApiError, error_responses
 from api.identity import queries as identity_queries
-from api.identity.current_user import CurrentUser
+from api.identity.current_user import SignedInRequest
 from api.identity.personal_id import is_valid_personal_id, mask_personal_id, sex_from_personal_id
 
-StaffRequest = Request[CurrentUser, Any, Any]
 ADMIN_ERRORS = ("unauthorized", "forbidden", "not_found")
-
-
-def _require(request: StaffRequest, facility_id: uuid.UUID, *roles: str) -> None:
-    """The caller must hold one of `roles` at this very facility, not just somewhere."""
-    if not request.user.is_at(facility_id, *roles):
-        raise ApiError("forbidden")
 
 
 def _changes(update: msgspec.Struct) -> dict[str, Any]:
@@ -68,12 +62,12 @@ class FacilityAdminController(Controller):
     )
     async def create_service(
         self,
-        request: StaffRequest,
+        request: SignedInRequest,
         db: NamedDependency[asyncpg.Connection],
         facility_id: FromPath[uuid.UUID],
         data: JSONBody[ServiceCreate],
     ) -> ServiceOut:
-        _require(request, facility_id, "admin")
+        require_at(request.user, facility_id, "admin")
         return service_out(await queries.insert_service(db, facility_id, msgspec.structs.asdict(data)))
 
     @patch(
@@ -84,13 +78,13 @@ class FacilityAdminController(Controller):
     )
     async def update_service(
         self,
-        request: StaffRequest,
+        request: SignedInRequest,
         db: NamedDependency[asyncpg.Connection],
         facility_id: FromPath[uuid.UUID],
         service_id: FromPath[uuid.UUID],
         data: JSONBody[ServiceUpdate],
     ) -> ServiceOut:
-        _require(request, facility_id, "admin")
+        require_at(request.user, facility_id, "admin")
         row = await queries.update_service(db, facility_id, service_id, _changes(data))
         if row is None:
             raise ApiError("not_found")
@@ -104,12 +98,12 @@ class FacilityAdminController(Controller):
     )
     async def create_doctor(
         self,
-        request: StaffRequest,
+        request: SignedInRequest,
         db: NamedDependency[asyncpg.Connection],
         facility_id: FromPath[uuid.UUID],
         data: JSONBody[DoctorCreate],
     ) -> DoctorOut:
-        _require(request, facility_id, "admin")
+        require_at(request.user, facility_id, "admin")
         if data.personal_id is not None and not is_valid_personal_id(data.personal_id):
             raise ApiError("invalid_personal_id")
         try:
@@ -128,13 +122,13 @@ class FacilityAdminController(Controller):
     )
     async def update_doctor(
         self,
-        request: StaffRequest,
+        request: SignedInRequest,
         db: NamedDependency[asyncpg.Connection],
         facility_id: FromPath[uuid.UUID],
         doctor_id: FromPath[uuid.UUID],
         data: JSONBody[DoctorUpdate],
     ) -> DoctorOut:
-        _require(request, facility_id, "admin")
+        require_at(request.user, facility_id, "admin")
         if not await queries.update_doctor(db, facility_id, doctor_id, _changes(data)):
             raise ApiError("not_found")
         row = await queries.get_doctor(db, doctor_id)
@@ -148,9 +142,12 @@ class FacilityAdminController(Controller):
         responses=error_responses(*ADMIN_ERRORS),
     )
     async def list_staff(
-        self, request: StaffRequest, db: NamedDependency[asyncpg.Connection], facility_id: FromPath[uuid.UUID]
+        self,
+        request: SignedInRequest,
+        db: NamedDependency[asyncpg.Connection],
+        facility_id: FromPath[uuid.UUID],
     ) -> list[StaffOut]:
-        _require(request, facility_id, "admin")
+        require_at(request.user, facility_id, "admin")
         return [staff_out(r) for r in await queries.list_staff(db, facility_id)]
 
     @post(
@@ -161,12 +158,12 @@ class FacilityAdminController(Controller):
     )
     async def add_staff(
         self,
-        request: StaffRequest,
+        request: SignedInRequest,
         db: NamedDependency[asyncpg.Connection],
         facility_id: FromPath[uuid.UUID],
         data: JSONBody[StaffCreate],
     ) -> StaffOut:
-        _require(request, facility_id, "admin")
+        require_at(request.user, facility_id, "admin")
         if not is_valid_personal_id(data.personal_id):
             raise ApiError("invalid_personal_id")
         added = await queries.add_staff(db, facility_id, data.personal_id, data.role)
@@ -182,12 +179,12 @@ class FacilityAdminController(Controller):
     )
     async def remove_staff(
         self,
-        request: StaffRequest,
+        request: SignedInRequest,
         db: NamedDependency[asyncpg.Connection],
         facility_id: FromPath[uuid.UUID],
         staff_id: FromPath[uuid.UUID],
     ) -> None:
-        _require(request, facility_id, "admin")
+        require_at(request.user, facility_id, "admin")
         removed = await queries.remove_staff(db, facility_id, staff_id)
         if removed is None:
             raise ApiError("not_found")
@@ -202,12 +199,12 @@ class FacilityAdminController(Controller):
     )
     async def record_guardianship(
         self,
-        request: StaffRequest,
+        request: SignedInRequest,
         db: NamedDependency[asyncpg.Connection],
         facility_id: FromPath[uuid.UUID],
         data: JSONBody[GuardianshipCreate],
     ) -> GuardianshipOut:
-        _require(request, facility_id, "facility_staff", "admin")
+        require_at(request.user, facility_id, "facility_staff", "admin")
         sex = sex_from_personal_id(data.dependent_personal_id, data.dependent_birthdate)
         if sex is None or data.dependent_personal_id == data.guardian_personal_id:
             raise ApiError("invalid_personal_id")

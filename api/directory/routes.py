@@ -23,7 +23,7 @@ from api.directory.models import (
     ServicePage,
 )
 from api.errors import ApiError, error_responses
-from api.pagination import Cursor, Limit, decode_cursor, encode_cursor
+from api.pagination import Cursor, Limit, decode_cursor, next_cursor
 
 SearchText = Annotated[
     str | None,
@@ -77,14 +77,6 @@ def _after(cursor: str | None) -> tuple[str, uuid.UUID] | None:
     return decode_cursor(cursor, str, uuid.UUID) if cursor else None
 
 
-def _next_cursor(rows: list[asyncpg.Record], limit: int, name_column: str) -> str | None:
-    """Pages fetch `limit + 1` rows: the extra one only says that more exist."""
-    if len(rows) <= limit:
-        return None
-    last = rows[limit - 1]
-    return encode_cursor(last[name_column], str(last["id"]))
-
-
 class FacilityController(Controller):
     path = "/v1/facilities"
     tags = ["directory"]
@@ -107,7 +99,7 @@ class FacilityController(Controller):
             db, q=q, kind=kind, district=district, after=_after(cursor), limit=limit + 1
         )
         return FacilityPage(
-            items=[facility_out(r) for r in rows[:limit]], next_cursor=_next_cursor(rows, limit, "name")
+            items=[facility_out(r) for r in rows[:limit]], next_cursor=next_cursor(rows, limit, "name", "id")
         )
 
     @get(
@@ -144,7 +136,7 @@ class FacilityController(Controller):
         if not rows and not await queries.facility_exists(db, facility_id):
             raise ApiError("not_found")
         return ServicePage(
-            items=[service_out(r) for r in rows[:limit]], next_cursor=_next_cursor(rows, limit, "name")
+            items=[service_out(r) for r in rows[:limit]], next_cursor=next_cursor(rows, limit, "name", "id")
         )
 
 
@@ -173,7 +165,8 @@ class DoctorController(Controller):
             limit=limit + 1,
         )
         return DoctorPage(
-            items=[doctor_out(r) for r in rows[:limit]], next_cursor=_next_cursor(rows, limit, "full_name")
+            items=[doctor_out(r) for r in rows[:limit]],
+            next_cursor=next_cursor(rows, limit, "full_name", "id"),
         )
 
     @get(

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import asyncpg
 import msgspec
+from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
 
@@ -56,6 +57,10 @@ class CurrentUser(msgspec.Struct, frozen=True):
             roles=frozenset(roles),
             staff=staff,
         )
+
+
+SignedInRequest = Request[CurrentUser, Any, Any]
+"""A request that passed the bearer check: `request.user` is the caller."""
 
 
 class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):

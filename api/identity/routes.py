@@ -14,7 +14,7 @@ from litestar.params import JSONBody
 
 from api.errors import BEARER, ApiError, error_responses
 from api.identity import queries, sessions
-from api.identity.current_user import CurrentUser
+from api.identity.current_user import CurrentUser, SignedInRequest
 from api.identity.insurance import is_valid_insurance_number, normalize_insurance_number
 from api.identity.models import (
     DependentOut,
@@ -30,7 +30,6 @@ from api.identity.phone import normalize_phone
 from api.identity.vneid import InvalidIdToken
 
 AnyRequest = Request[Any, Any, Any]
-SignedInRequest = Request[CurrentUser, Any, Any]
 
 
 def user_out(user: CurrentUser) -> UserOut:

@@ -1,0 +1,271 @@
+"""The outbox's SQL: enqueue inside the caller's transaction, claim due messages, record outcomes.
+
+A worker claims due rows with `FOR UPDATE SKIP LOCKED` in one short statement that moves each
+row's `next_attempt_at` one lease ahead; nothing stays locked while it talks to FCM. A worker
+killed mid-send leaves its rows to come due again when the lease runs out, so a message is sent
+again at most once more and never lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping, Sequence
+
+import asyncpg
+import msgspec
+
+from api.db import FairPool
+from notifications.policy import Preferences
+from notifications.templates import check_params
+
+
+async def enqueue(
+    conn: asyncpg.Connection,
+    user_id: uuid.UUID,
+    kind: str,
+    params: Mapping[str, object],
+    dedupe_key: str | None = None,
+    not_before: dt.datetime | None = None,
+    *,
+    facility_id: uuid.UUID | None = None,
+    subject: str | None = None,
+) -> uuid.UUID | None:
+    """Add a notification for `user_id` as part of the caller's transaction.
+
+    It exists if and only if that transaction commits. A `dedupe_key` already used enqueues
+    nothing and returns None. `not_before` schedules it (reminders); `subject` names what it is
+    about (`appointment:<id>`) so `cancel_pending` and `reschedule_pending` can find it.
+    """
+    if not conn.is_in_transaction():
+        raise RuntimeError("enqueue a notification inside the transaction of the change it reports")
+    checked = check_params(kind, params)
+    notification_id: uuid.UUID | None = await conn.fetchval(
+        """INSERT INTO notifications
+               (user_id, kind, params, facility_id, subject, dedupe_key, not_before, next_attempt_at)
+           VALUES ($1, $2, $3::jsonb, $4, $5, $6, coalesce($7, now()), coalesce($7, now()))
+           ON CONFLICT (dedupe_key) DO NOTHING
+           RETURNING id""",
+        user_id,
+        kind,
+        msgspec.json.encode(checked).decode(),
+        facility_id,
+        subject,
+        dedupe_key,
+        not_before,
+    )
+    return notification_id
+
+
+async def cancel_pending(conn: asyncpg.Connection, subject: str, kinds: Sequence[str] | None = None) -> int:
+    """Cancel messages about `subject` not pushed yet (a cancelled visit's reminders); they leave the inbox too."""
+    result: str = await conn.execute(
+        """UPDATE notifications SET push_state = 'cancelled', finished_at = now()
+            WHERE subject = $1 AND push_state = 'pending' AND ($2::text[] IS NULL OR kind = ANY($2))""",
+        subject,
+        list(kinds) if kinds is not None else None,
+    )
+    return int(result.split()[-1])
+
+
+async def reschedule_pending(
+    conn: asyncpg.Connection, subject: str, kind: str, not_before: dt.datetime, params: Mapping[str, object]
+) -> int:
+    """Move the pending `kind` messages about `subject` to `not_before`, with new params (the new time)."""
+    result: str = await conn.execute(
+        """UPDATE notifications SET not_before = $3, next_attempt_at = $3, params = $4::jsonb
+            WHERE subject = $1 AND kind = $2 AND push_state = 'pending' AND attempts = 0""",
+        subject,
+        kind,
+        not_before,
+        msgspec.json.encode(check_params(kind, params)).decode(),
+    )
+    return int(result.split()[-1])
+
+
+class Claimed(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    user_id: uuid.UUID
+    kind: str
+    params: dict[str, str | int]
+    attempts: int
+    """Including this one."""
+
+
+class Device(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    user_id: uuid.UUID
+    token: str
+    locale: str
+
+
+class Batch(msgspec.Struct):
+    messages: list[Claimed]
+    devices: dict[uuid.UUID, list[Device]]
+    """Active devices of each user in the batch."""
+    preferences: dict[uuid.UUID, Preferences]
+    done: set[tuple[uuid.UUID, uuid.UUID]]
+    """(notification, device) pairs an earlier attempt already finished: not sent again."""
+
+
+async def claim(pool: FairPool, now: dt.datetime, limit: int, lease: dt.timedelta) -> Batch:
+    """Claim up to `limit` due messages for `lease`, with what is needed to send them."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """WITH due AS (
+                   SELECT id FROM notifications
+                    WHERE push_state = 'pending' AND next_attempt_at <= $1
+                    ORDER BY next_attempt_at
+                    LIMIT $2
+                    FOR UPDATE SKIP LOCKED)
+               UPDATE notifications n
+                  SET next_attempt_at = $1 + $3::interval, attempts = n.attempts + 1
+                 FROM due WHERE n.id = due.id
+               RETURNING n.id, n.user_id, n.kind, n.params, n.attempts""",
+            now,
+            limit,
+            lease,
+        )
+        if not rows:
+            return Batch(messages=[], devices={}, preferences={}, done=set())
+        messages = [
+            Claimed(r["id"], r["user_id"], r["kind"], msgspec.json.decode(r["params"]), r["attempts"])
+            for r in rows
+        ]
+        user_ids = list({m.user_id for m in messages})
+        devices: dict[uuid.UUID, list[Device]] = {}
+        for r in await conn.fetch(
+            "SELECT id, user_id, token, locale FROM devices WHERE user_id = ANY($1) AND active", user_ids
+        ):
+            devices.setdefault(r["user_id"], []).append(
+                Device(r["id"], r["user_id"], r["token"], r["locale"])
+            )
+        preferences = {
+            r["user_id"]: Preferences(r["quiet_start"], r["quiet_end"], frozenset(r["muted_categories"]))
+            for r in await conn.fetch(
+                """SELECT user_id, quiet_start, quiet_end, muted_categories
+                     FROM notification_preferences WHERE user_id = ANY($1)""",
+                user_ids,
+            )
+        }
+        retried = [m.id for m in messages if m.attempts > 1]
+        done = (
+            {
+                (r["notification_id"], r["device_id"])
+                for r in await conn.fetch(
+                    """SELECT notification_id, device_id FROM push_deliveries
+                        WHERE notification_id = ANY($1) AND outcome IN ('sent', 'token_rejected')""",
+                    retried,
+                )
+            }
+            if retried
+            else set()
+        )
+    return Batch(messages=messages, devices=devices, preferences=preferences, done=done)
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    notification_id: uuid.UUID
+    device_id: uuid.UUID
+    attempt: int
+    outcome: str
+    fcm_message_id: str | None
+    error: str | None
+
+
+class Settled(msgspec.Struct, frozen=True):
+    """Where a claimed message goes next: `pending` again (at `next_attempt_at`) or a final state."""
+
+    id: uuid.UUID
+    state: str
+    next_attempt_at: dt.datetime | None = None
+    error: str | None = None
+    refund_attempt: bool = False
+    """Deferred by quiet hours: this claim does not count as an attempt."""
+
+
+async def record(
+    pool: FairPool,
+    now: dt.datetime,
+    deliveries: Sequence[Delivery],
+    rejected_tokens: Mapping[uuid.UUID, str],
+    settled: Sequence[Settled],
+) -> None:
+    """Store what FCM answered, switch off rejected devices and move each message on, in one transaction."""
+    async with pool.acquire() as conn, conn.transaction():
+        if deliveries:
+            await conn.execute(
+                """INSERT INTO push_deliveries (notification_id, device_id, attempt, outcome, fcm_message_id, error, at)
+                   SELECT n, d, a, o, m, e, $7
+                     FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[])
+                          AS u(n, d, a, o, m, e)
+                   ON CONFLICT DO NOTHING""",
+                [d.notification_id for d in deliveries],
+                [d.device_id for d in deliveries],
+                [d.attempt for d in deliveries],
+                [d.outcome for d in deliveries],
+                [d.fcm_message_id for d in deliveries],
+                [d.error for d in deliveries],
+                now,
+            )
+        if rejected_tokens:
+            await conn.execute(
+                """UPDATE devices d SET active = false, deactivated_reason = u.reason, updated_at = $3
+                     FROM unnest($1::uuid[], $2::text[]) AS u(id, reason)
+                    WHERE d.id = u.id""",
+                list(rejected_tokens),
+                list(rejected_tokens.values()),
+                now,
+            )
+        # A message cancelled while it was being sent stays cancelled.
+        await conn.execute(
+            """UPDATE notifications n
+                  SET push_state = u.state,
+                      next_attempt_at = coalesce(u.next_at, n.next_attempt_at),
+                      attempts = n.attempts - u.refund::int,
+                      last_error = u.error,
+                      finished_at = CASE WHEN u.state = 'pending' THEN NULL ELSE $6::timestamptz END
+                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::bool[])
+                      AS u(id, state, next_at, error, refund)
+                WHERE n.id = u.id AND n.push_state = 'pending'""",
+            [s.id for s in settled],
+            [s.state for s in settled],
+            [s.next_attempt_at for s in settled],
+            [s.error for s in settled],
+            [s.refund_attempt for s in settled],
+            now,
+        )
+
+
+async def requeue_dead(
+    conn: asyncpg.Connection, facility_id: uuid.UUID, notification_id: uuid.UUID
+) -> asyncpg.Record | None:
+    """Give a dead-lettered message a fresh set of attempts, due now."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""UPDATE notifications
+               SET push_state = 'pending', attempts = 0, next_attempt_at = now(), finished_at = NULL
+             WHERE id = $1 AND facility_id = $2 AND push_state = 'dead'
+         RETURNING {DEAD_LETTER_COLUMNS}""",
+        notification_id,
+        facility_id,
+    )
+    return row
+
+
+DEAD_LETTER_COLUMNS = "id, user_id, kind, attempts, last_error, created_at, finished_at, push_state"
+
+
+async def list_dead(
+    conn: asyncpg.Connection, facility_id: uuid.UUID, after: tuple[dt.datetime, uuid.UUID] | None, limit: int
+) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT {DEAD_LETTER_COLUMNS} FROM notifications
+             WHERE facility_id = $1 AND push_state = 'dead'
+               AND ($2::timestamptz IS NULL OR (finished_at, id) < ($2, $3::uuid))
+             ORDER BY finished_at DESC, id DESC LIMIT $4""",
+        facility_id,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+    return rows

@@ -1,0 +1,102 @@
+"""Sending pushes through FCM with firebase-admin.
+
+Each sender is its own named firebase-admin app, so several can live in one process (tests,
+the in-process dev worker) without sharing the HTTP client that `send_each_async` binds to the
+first event loop it runs on.
+
+Relies on firebase-admin internals, which is why pyproject pins `firebase-admin==7.7.0`:
+- `messaging._get_messaging_service(app)._fcm_url` is replaced to send to another endpoint
+  (the local FCM emulator); the library has no public option for it.
+- `close()` closes the service's `_async_client` itself, because the library's own
+  `delete_app` closes it with `asyncio.run`, which fails inside a running event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, Literal
+
+import firebase_admin
+import msgspec
+from firebase_admin import credentials, exceptions, messaging
+from google.auth.transport.requests import Request as GoogleAuthRequest
+
+MAX_PER_CALL = 500  # send_each_async refuses more
+
+# FCM's answers that mean "this token will never work again": stop sending to the device.
+TOKEN_REJECTED: tuple[type[Exception], ...] = (
+    messaging.UnregisteredError,
+    messaging.SenderIdMismatchError,
+    exceptions.InvalidArgumentError,
+)
+
+
+class Push(msgspec.Struct, frozen=True):
+    device_id: uuid.UUID
+    token: str
+    title: str
+    body: str
+    data: dict[str, str]
+
+
+class PushResult(msgspec.Struct, frozen=True):
+    device_id: uuid.UUID
+    outcome: Literal["sent", "token_rejected", "failed"]
+    message_id: str | None = None
+    error: str | None = None
+
+
+class FcmSender:
+    def __init__(self, service_account: dict[str, Any], *, endpoint: str | None, timeout: float) -> None:
+        info = service_account
+        self._app = firebase_admin.initialize_app(
+            credentials.Certificate(info),
+            {"projectId": info["project_id"], "httpTimeout": timeout},
+            name=f"telehealth-push-{uuid.uuid4()}",
+        )
+        self._service: Any = messaging._get_messaging_service(self._app)
+        if endpoint:
+            self._service._fcm_url = endpoint
+        self._credential = self._app.credential.get_credential()
+
+    async def send(self, pushes: list[Push]) -> list[PushResult]:
+        """Send each push; one result per push, in order. Never raises for a failed device."""
+        await self._fresh_credential()
+        results: list[PushResult] = []
+        for start in range(0, len(pushes), MAX_PER_CALL):
+            chunk = pushes[start : start + MAX_PER_CALL]
+            batch = await messaging.send_each_async([_message(p) for p in chunk], app=self._app)
+            results.extend(_result(p, r) for p, r in zip(chunk, batch.responses, strict=True))
+        return results
+
+    async def _fresh_credential(self) -> None:
+        # google-auth refreshes the OAuth token with a blocking HTTP call inside the request;
+        # do it in a thread beforehand so the event loop never waits on it.
+        if not self._credential.valid:
+            await asyncio.to_thread(self._credential.refresh, GoogleAuthRequest())
+
+    async def close(self) -> None:
+        await self._service._async_client.aclose()
+        firebase_admin._apps.pop(self._app.name, None)
+
+
+def _message(push: Push) -> messaging.Message:
+    # `fid`: firebase-admin 7.7 deprecates `token=` for the same registration token.
+    return messaging.Message(
+        fid=push.token,
+        notification=messaging.Notification(title=push.title, body=push.body),
+        data=push.data,
+        android=messaging.AndroidConfig(priority="high"),
+    )
+
+
+def _result(push: Push, response: messaging.SendResponse) -> PushResult:
+    if response.success:
+        return PushResult(push.device_id, "sent", message_id=response.message_id)
+    error = response.exception
+    code = getattr(error, "code", type(error).__name__)
+    outcome: Literal["token_rejected", "failed"] = (
+        "token_rejected" if isinstance(error, TOKEN_REJECTED) else "failed"
+    )
+    return PushResult(push.device_id, outcome, error=f"{code}: {type(error).__name__}")

@@ -1,0 +1,80 @@
+"""Starting the notification worker: the same `Worker.run` in the API process (dev) or alone
+(`telehealth worker`, production)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from api.db import FairPool, create_pool
+from api.observability import configure_logging
+from api.settings import Settings
+from notifications.push import FcmSender
+from notifications.worker import Worker
+
+
+@asynccontextmanager
+async def push_sender(settings: Settings) -> AsyncIterator[FcmSender]:
+    """FCM as the settings say: the service account in FCM_CREDENTIALS_FILE, or in dev without
+    one, a local FCM emulator on loopback with its own generated service account."""
+    timeout = settings.outbound_timeout_seconds
+    if settings.fcm_credentials_file:
+        account = json.loads(await asyncio.to_thread(Path(settings.fcm_credentials_file).read_text))
+        sender = FcmSender(account, endpoint=settings.fcm_endpoint, timeout=timeout)
+        try:
+            yield sender
+        finally:
+            await sender.close()
+        return
+    from notifications.fcm_emulator import FcmEmulator
+
+    with FcmEmulator() as emulator:
+        sender = FcmSender(emulator.service_account_info(), endpoint=emulator.send_url, timeout=timeout)
+        try:
+            yield sender
+        finally:
+            await sender.close()
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings, pool: FairPool) -> AsyncIterator[Worker]:
+    """A worker running in this event loop until the block ends (then it finishes its pass)."""
+    assert settings.database_url
+    async with push_sender(settings) as sender:
+        worker = Worker(
+            pool,
+            sender,
+            batch_size=settings.notification_batch_size,
+            max_attempts=settings.notification_max_attempts,
+            lease=dt.timedelta(seconds=settings.notification_lease_seconds),
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            worker.run(settings.database_url, stop, settings.notification_poll_seconds)
+        )
+        try:
+            yield worker
+        finally:
+            stop.set()
+            await task
+
+
+async def run_standalone(settings: Settings) -> None:
+    """`telehealth worker`: work until SIGTERM or SIGINT, then finish the current pass and exit."""
+    assert settings.database_url
+    configure_logging(settings.log_level)
+    pool = await create_pool(settings.database_url, min_size=1, max_size=4)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with running_worker(settings, pool):
+            await stop.wait()
+    finally:
+        await pool.close()
