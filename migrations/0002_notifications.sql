@@ -60,9 +60,11 @@ CREATE INDEX notifications_dead ON notifications (facility_id, finished_at DESC,
     WHERE push_state = 'dead';
 
 -- One row per device per attempt: what FCM answered. A retry skips devices already sent to.
+-- device_id has no foreign key: a device deleted while its push was in flight must not make
+-- the worker's record of the whole batch fail.
 CREATE TABLE push_deliveries (
     notification_id uuid NOT NULL REFERENCES notifications (id) ON DELETE CASCADE,
-    device_id uuid NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+    device_id uuid NOT NULL,
     attempt integer NOT NULL,
     outcome text NOT NULL CHECK (outcome IN ('sent', 'token_rejected', 'failed')),
     fcm_message_id text,

@@ -92,13 +92,19 @@ class Worker:
                     outbox.Settled(message.id, state, error=None if sent_before else _why_skipped(decision))
                 )
                 continue
+            try:
+                rendered = {
+                    locale: render(message.kind, message.params, locale, message.id)
+                    for locale in ("vi", "en")
+                }
+            except (KeyError, ValueError, TypeError) as exc:
+                # A row no template can render (edited by hand, or a kind since removed) must not
+                # hold up the batch it came in: it goes to the dead letters for staff to see.
+                settled.append(outbox.Settled(message.id, "dead", error=f"cannot render: {exc!r}"[:500]))
+                continue
             for device in devices:
-                rendered = render(
-                    message.kind, message.params, "en" if device.locale == "en" else "vi", message.id
-                )
-                pushes.append(
-                    (message, Push(device.id, device.token, rendered.title, rendered.body, rendered.data))
-                )
+                text = rendered["en" if device.locale == "en" else "vi"]
+                pushes.append((message, Push(device.id, device.token, text.title, text.body, text.data)))
         results = await self.sender.send([push for _, push in pushes]) if pushes else []
         deliveries, rejected = self._deliveries(pushes, results)
         result.pushed = sum(r.outcome == "sent" for r in results)
@@ -173,8 +179,10 @@ class Worker:
                 wake.clear()
                 try:
                     claimed = (await self.run_once()).claimed
-                except (OSError, asyncpg.PostgresError):
-                    log.exception("notification pass failed; retrying")
+                except Exception:
+                    # The database or FCM went away mid-pass: what was claimed comes due again when
+                    # its lease ends. Keep the worker alive and try again after a pause.
+                    log.exception("notification pass failed; trying again")
                     claimed = 0
                 if claimed:
                     continue

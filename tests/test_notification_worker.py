@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @asynccontextmanager
-async def sender_for(fcm: FcmEmulator) -> AsyncIterator[FcmSender]:
-    sender = FcmSender(fcm.service_account_info(), endpoint=fcm.send_url, timeout=5)
+async def sender_for(fcm: FcmEmulator, fcm_timeout: float = 5) -> AsyncIterator[FcmSender]:
+    sender = FcmSender(fcm.service_account_info(), endpoint=fcm.send_url, timeout=fcm_timeout)
     try:
         yield sender
     finally:
@@ -40,9 +40,14 @@ async def sender_for(fcm: FcmEmulator) -> AsyncIterator[FcmSender]:
 
 @asynccontextmanager
 async def worker_for(
-    pool: FairPool, fcm: FcmEmulator, *, clock: Callable[[], dt.datetime] = utcnow, **options: int
+    pool: FairPool,
+    fcm: FcmEmulator,
+    *,
+    clock: Callable[[], dt.datetime] = utcnow,
+    fcm_timeout: float = 5,
+    **options: int,
 ) -> AsyncIterator[Worker]:
-    async with sender_for(fcm) as sender:
+    async with sender_for(fcm, fcm_timeout) as sender:
         yield Worker(
             pool,
             sender,
@@ -435,3 +440,46 @@ async def test_the_api_process_runs_the_worker_in_dev(
         notification_id = await notify(db, user_id)
         await fcm_clean.wait_for(lambda e: bool(e.sent_to(token)), timeout=10)
     assert data_ids(fcm_clean.sent_to(token)) == [str(notification_id)]
+
+
+async def test_a_message_no_template_can_render_is_dead_lettered_alone(pool, db, fcm_clean):
+    user_id = await insert_user(db)
+    token = await insert_device(db, user_id)
+    broken, fine = await notify(db, user_id), await notify(db, user_id)
+    await db.execute("UPDATE notifications SET params = '{}' WHERE id = $1", broken)
+    async with worker_for(pool, fcm_clean) as worker:
+        await worker.drain()
+    assert await state_of(db, broken) == ("dead", 1)
+    assert "cannot render" in await db.fetchval("SELECT last_error FROM notifications WHERE id = $1", broken)
+    assert data_ids(fcm_clean.sent_to(token)) == [str(fine)]
+
+
+async def test_a_slow_fcm_answer_times_out_and_is_retried_without_holding_others_back(pool, db, fcm_clean):
+    fcm_clean.slow_seconds = 3.0
+    slow_user, quick_user = await insert_user(db), await insert_user(db)
+    await insert_device(db, slow_user, f"slow-{uuid.uuid4().hex}")
+    quick_token = await insert_device(db, quick_user)
+    slow, quick = await notify(db, slow_user), await notify(db, quick_user)
+    async with worker_for(pool, fcm_clean, fcm_timeout=1) as worker:
+        await worker.drain()
+    assert data_ids(fcm_clean.sent_to(quick_token)) == [str(quick)]
+    assert await state_of(db, quick) == ("sent", 1)
+    assert await state_of(db, slow) == ("pending", 1), "a timeout is transient: retried later"
+    assert "Deadline" in await db.fetchval("SELECT last_error FROM notifications WHERE id = $1", slow)
+
+
+async def test_a_device_deleted_while_its_push_is_in_flight_does_not_lose_the_batch(pool, db, fcm_clean):
+    user_id = await insert_user(db)
+    token = await insert_device(db, user_id)
+    other_user = await insert_user(db)
+    other_token = await insert_device(db, other_user)
+    mine, theirs = await notify(db, user_id), await notify(db, other_user)
+    fcm_clean.hold()
+    async with worker_for(pool, fcm_clean) as worker:
+        running = asyncio.create_task(worker.run_once())
+        await fcm_clean.wait_for(lambda e: len({r.token for r in e.snapshot()} & {token, other_token}) == 2)
+        await db.execute("DELETE FROM devices WHERE token = $1", token)
+        fcm_clean.release()
+        await running
+    assert await state_of(db, mine) == ("sent", 1)
+    assert await state_of(db, theirs) == ("sent", 1)
