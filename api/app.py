@@ -25,6 +25,7 @@ from api.errors import problem_details_plugin
 from api.health import HealthController, MetricsController, dev_issuer_jwks
 from api.identity.current_user import BearerAuthenticationMiddleware
 from api.identity.routes import AuthController, MeController
+from api.identity.tokens import VerifiedTokens
 from api.identity.vneid import VneidVerifier
 from api.notifications.routes import (
     DeadLetterController,
@@ -116,6 +117,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "settings": settings,
                 "redis": redis,
                 "rate_limiter": RateLimiter(redis),
+                "verified_tokens": VerifiedTokens(),
                 "vneid_verifier": VneidVerifier(
                     settings.vneid, leeway=settings.vneid_leeway, timeout=settings.outbound_timeout_seconds
                 ),

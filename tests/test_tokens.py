@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from jose import jwt
 
+from api.identity.tokens import InvalidToken, VerifiedTokens, issue_access_token
 from api.settings import Settings
 from tests.conftest import make_settings
 from tests.factories import Citizen, Session, TestIssuer, b64, grant_staff, serve, sign_in
@@ -421,3 +422,36 @@ async def test_one_invalid_field_refuses_the_whole_update(client, session, db):
 
 async def test_profile_update_needs_a_signed_in_caller(client):
     assert_problem(await client.patch("/v1/me", json={"locale": "en"}), 401, "unauthorized")
+
+
+def test_a_verified_token_is_remembered_until_it_expires(settings):
+    """Verified once per process, but expiry is still checked on every use."""
+    verified = VerifiedTokens()
+    token = issue_access_token(settings, user_id=uuid.uuid4(), session_id=uuid.uuid4())
+    expires = int(time.time()) + 1
+    short = reissue(token, settings.jwt_secret, exp=expires)
+    assert verified.verify(settings, short).exp == expires
+    assert verified.verify(settings, short) is verified.verify(settings, short)
+    time.sleep(expires + 1.05 - time.time())  # python-jose counts whole seconds
+    with pytest.raises(InvalidToken):
+        verified.verify(settings, short)
+    with pytest.raises(InvalidToken):
+        verified.verify(settings, short)  # forgotten, then refused by python-jose too
+
+
+def test_a_forged_token_is_not_remembered(settings):
+    verified = VerifiedTokens()
+    token = issue_access_token(settings, user_id=uuid.uuid4(), session_id=uuid.uuid4())
+    forged = reissue(token, "x" * 48)
+    for _ in range(2):
+        with pytest.raises(InvalidToken):
+            verified.verify(settings, forged)
+    assert verified.verify(settings, token).sub
+
+
+def test_the_remembered_tokens_are_bounded(settings):
+    verified = VerifiedTokens(capacity=3)
+    tokens = [issue_access_token(settings, user_id=uuid.uuid4(), session_id=uuid.uuid4()) for _ in range(5)]
+    for token in tokens:
+        verified.verify(settings, token)
+    assert list(verified._claims) == tokens[2:]

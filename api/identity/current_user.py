@@ -15,7 +15,7 @@ from litestar.middleware.authentication import AbstractAuthenticationMiddleware,
 from api.errors import ApiError
 from api.identity.models import StaffMembership
 from api.identity.queries import load_current_user
-from api.identity.tokens import InvalidToken, verify_access_token
+from api.identity.tokens import InvalidToken
 
 
 class CurrentUser(msgspec.Struct, frozen=True):
@@ -82,7 +82,7 @@ class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
             raise ApiError("invalid_token")
         state = connection.app.state
         try:
-            claims = verify_access_token(state.settings, token.strip())
+            claims = state.verified_tokens.verify(state.settings, token.strip())
         except InvalidToken:
             raise ApiError("invalid_token") from None
         session_id = uuid.UUID(claims.sid)
