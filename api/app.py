@@ -18,6 +18,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from api.access import authorize
+from api.booking.routes import AppointmentController, AvailabilityController, WaitlistController
+from api.booking.staff_routes import StaffAppointmentController, StaffScheduleController
 from api.db import create_pool, provide_db
 from api.directory.admin_routes import FacilityAdminController
 from api.directory.routes import DoctorController, FacilityController
@@ -97,6 +99,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         InboxController,
         PreferencesController,
         DeadLetterController,
+        AvailabilityController,
+        AppointmentController,
+        WaitlistController,
+        StaffScheduleController,
+        StaffAppointmentController,
     ]
     if settings.dev_issuer_enabled:
         route_handlers.append(dev_issuer_jwks)

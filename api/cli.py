@@ -46,7 +46,7 @@ def serve(host: str, port: int, workers: int) -> None:
 
 @main.command()
 def worker() -> None:
-    """Send notifications through FCM; run one or more of these beside the API in production."""
+    """Send notifications through FCM and expire booking holds; run one or more beside the API in production."""
     from notifications.runner import run_standalone
 
     settings = _settings()

@@ -64,6 +64,58 @@ MESSAGES: dict[str, tuple[int, str, str]] = {
         "The facility's last administrator cannot be removed.",
     ),
     "conflict": (409, "Dữ liệu bị trùng.", "The resource already exists."),
+    "slot_taken": (409, "Khung giờ này vừa có người đặt.", "This slot has just been taken."),
+    "not_a_slot": (
+        422,
+        "Thời điểm này không phải là một khung giờ khám của lịch.",
+        "This time is not a slot of the doctor's schedule.",
+    ),
+    "slot_not_open": (
+        422,
+        "Khung giờ này đã qua hoặc chưa mở đặt lịch.",
+        "This slot is in the past or not open for booking yet.",
+    ),
+    "overlapping_appointment": (
+        409,
+        "Người bệnh đã có lịch khám khác vào thời gian này.",
+        "The patient already has an appointment at this time.",
+    ),
+    "too_many_appointments": (
+        409,
+        "Người bệnh đã có đủ số lịch khám sắp tới tại cơ sở này.",
+        "The patient already has the most upcoming appointments allowed at this facility.",
+    ),
+    "too_late_to_cancel": (
+        409,
+        "Đã quá thời hạn hủy hoặc đổi lịch khám.",
+        "It is too late to cancel or move this appointment.",
+    ),
+    "invalid_transition": (
+        409,
+        "Không thể thực hiện thao tác này với lịch khám ở trạng thái hiện tại.",
+        "This cannot be done to the appointment in its current state.",
+    ),
+    "hold_expired": (409, "Thời gian giữ chỗ đã hết.", "The hold on this slot has expired."),
+    "identity_mismatch": (
+        422,
+        "Thông tin trên căn cước công dân không khớp với người bệnh.",
+        "The ID card does not match the patient.",
+    ),
+    "invalid_date_range": (
+        422,
+        "Khoảng ngày không hợp lệ (tối đa 31 ngày).",
+        "The date range is not valid (at most 31 days).",
+    ),
+    "idempotency_key_required": (
+        400,
+        "Thiếu tiêu đề Idempotency-Key.",
+        "The Idempotency-Key header is required.",
+    ),
+    "idempotency_key_reused": (
+        422,
+        "Idempotency-Key này đã được dùng cho một yêu cầu khác.",
+        "This Idempotency-Key was already used for a different request.",
+    ),
     "service_unavailable": (
         503,
         "Dịch vụ tạm thời không khả dụng.",

@@ -65,6 +65,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     notification_lease_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
     notification_poll_seconds: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
 
+    # Booking: how long a prepaid slot is held for payment, how late a visit can be cancelled,
+    # how many future visits one patient may have at one facility, and booking attempts per
+    # user per minute (so nobody hoards slots).
+    booking_hold_minutes: Annotated[int, msgspec.Meta(ge=1, le=120)] = 10
+    booking_cancel_cutoff_minutes: Annotated[int, msgspec.Meta(ge=0, le=7 * 24 * 60)] = 120
+    booking_max_per_facility: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    booking_rate_per_minute: Annotated[int, msgspec.Meta(ge=1)] = 20
+    waitlist_offer_minutes: Annotated[int, msgspec.Meta(ge=1, le=24 * 60)] = 15
+
     @property
     def is_dev(self) -> bool:
         return self.env == "dev"

@@ -38,6 +38,12 @@ caller's loop. Point firebase-admin at it with its service account and the send 
 As its own process (the benchmark), it keeps counts only, served at `GET /emulator/stats`:
 
     python -m notifications.fcm_emulator --port 8089 --service-account /tmp/fcm-sa.json
+
+With `--record N` it also keeps, for each of the first N messages:send requests, an `Arrival`: the
+message's `data.notification_id`, its device, `time.time()` when the request reached the handler and
+the status answered (about 250 bytes each; `bench/notifications.py` measures end-to-end latency and
+exactly-once delivery with them). `GET /emulator/arrivals` returns them as
+`{"arrivals": [[notification_id, token, at, status], ...], "dropped": n}`; `DELETE` forgets them.
 """
 
 from __future__ import annotations
@@ -128,6 +134,15 @@ _HEADERS_JSON = (b"content-type", b"application/json; charset=UTF-8")
 _TARGETS = ("fid", "token", "topic", "condition")
 
 
+class Arrival(msgspec.Struct, frozen=True, array_like=True):
+    """When a messages:send request for one device arrived: what `--record` keeps (compact, no body)."""
+
+    notification_id: str  # the message's data.notification_id; "" without one
+    token: str
+    at: float  # time.time() as the handler started
+    status: int
+
+
 class Received(msgspec.Struct, frozen=True):
     """One messages:send request that passed auth, and the status it was answered with."""
 
@@ -205,12 +220,17 @@ class FcmEmulator:
         host: str = "127.0.0.1",
         port: int = 0,
         keep_records: bool = True,
+        record_arrivals: int = 0,
     ) -> None:
         self.project_id = project_id
         self.host = host
         self.port = port
         # False for a long-running process: counts in `statuses` only, not every message in memory.
         self.keep_records = keep_records
+        # Up to this many `Arrival`s kept (0: none); past it they are only counted in `arrivals_dropped`.
+        self.record_arrivals = record_arrivals
+        self.arrivals: list[Arrival] = []
+        self.arrivals_dropped = 0
         self.slow_seconds = 2.0
         self.received: list[Received] = []
         self.statuses: Counter[int] = Counter()
@@ -367,6 +387,7 @@ class FcmEmulator:
         self.received.clear()
         self.statuses.clear()
         self.token_exchanges = 0
+        self.arrivals, self.arrivals_dropped = [], 0
 
     # Records
 
@@ -423,6 +444,14 @@ class FcmEmulator:
                 "token_exchanges": self.token_exchanges,
             }
             return await _respond(send, 200, msgspec.json.encode(stats))
+        if path == "/emulator/arrivals":
+            if scope["method"] == "DELETE":
+                self.arrivals, self.arrivals_dropped = [], 0
+                return await _respond(send, 200, b"{}")
+            if scope["method"] != "GET":
+                return await _respond(send, 405, _METHOD_NOT_ALLOWED)
+            arrivals = {"arrivals": self.arrivals, "dropped": self.arrivals_dropped}
+            return await _respond(send, 200, msgspec.json.encode(arrivals))
         await _respond(send, 404, _NOT_FOUND)
 
     async def _token(self, raw: bytes, send: Send) -> None:
@@ -456,6 +485,7 @@ class FcmEmulator:
         await _respond(send, 200, msgspec.json.encode(answer))
 
     async def _send_message(self, project: str, scope: Scope, raw: bytes, send: Send) -> None:
+        arrived = time.time()
         access_token = _bearer(scope["headers"])
         expiry = self._access_tokens.get(access_token) if access_token else None
         if expiry is None or expiry < time.monotonic():
@@ -485,7 +515,9 @@ class FcmEmulator:
 
         self.statuses[status] += 1
         if self.keep_records:
-            self.received.append(Received(token, message, time.time(), status, validate_only))
+            self.received.append(Received(token, message, arrived, status, validate_only))
+        if self.record_arrivals:
+            self._record_arrival(message, token, arrived, status)
         if (gate := self._gate) is not None:
             await gate.wait()
         if status == 200:
@@ -500,6 +532,16 @@ class FcmEmulator:
             answer = msgspec.json.encode({"name": f"projects/{project}/messages/{message_id}"})
         await _respond(send, status, answer)
 
+    def _record_arrival(self, message: dict[str, Any], token: str, at: float, status: int) -> None:
+        if len(self.arrivals) >= self.record_arrivals:
+            self.arrivals_dropped += 1
+            return
+        data = message.get("data")
+        notification_id = data.get("notification_id") if isinstance(data, dict) else None
+        self.arrivals.append(
+            Arrival(notification_id if isinstance(notification_id, str) else "", token, at, status)
+        )
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -512,7 +554,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--service-account", type=Path, help="write the matching service-account JSON here (mode 0600)"
     )
+    parser.add_argument(
+        "--record",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the arrival time of the first N messages (GET /emulator/arrivals); 0: counts only",
+    )
     args = parser.parse_args(argv)
+    if args.record < 0:
+        parser.error("--record must be >= 0")
 
     stopping = threading.Event()
 
@@ -522,7 +573,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     with FcmEmulator(
-        project_id=args.project_id, host=args.host, port=args.port, keep_records=False
+        project_id=args.project_id,
+        host=args.host,
+        port=args.port,
+        keep_records=False,
+        record_arrivals=args.record,
     ) as emulator:
         if args.service_account:
             emulator.write_service_account(args.service_account)

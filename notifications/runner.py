@@ -1,5 +1,5 @@
-"""Starting the notification worker: the same `Worker.run` in the API process (dev) or alone
-(`telehealth worker`, production)."""
+"""Starting the background worker: the notification worker and booking housekeeping (expiring
+holds, waitlist offers), in the API process (dev) or alone (`telehealth worker`, production)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from api.booking.housekeeping import run_housekeeping
 from api.db import FairPool, create_pool
 from api.observability import configure_logging
 from api.settings import Settings
@@ -43,7 +44,8 @@ async def push_sender(settings: Settings) -> AsyncIterator[FcmSender]:
 
 @asynccontextmanager
 async def running_worker(settings: Settings, pool: FairPool) -> AsyncIterator[Worker]:
-    """A worker running in this event loop until the block ends (then it finishes its pass)."""
+    """The notification worker and booking housekeeping, running in this event loop until the
+    block ends (then each finishes its pass)."""
     assert settings.database_url
     async with push_sender(settings) as sender:
         worker = Worker(
@@ -54,14 +56,15 @@ async def running_worker(settings: Settings, pool: FairPool) -> AsyncIterator[Wo
             lease=dt.timedelta(seconds=settings.notification_lease_seconds),
         )
         stop = asyncio.Event()
-        task = asyncio.create_task(
-            worker.run(settings.database_url, stop, settings.notification_poll_seconds)
-        )
+        tasks = [
+            asyncio.create_task(worker.run(settings.database_url, stop, settings.notification_poll_seconds)),
+            asyncio.create_task(run_housekeeping(pool, settings, stop)),
+        ]
         try:
             yield worker
         finally:
             stop.set()
-            await task
+            await asyncio.gather(*tasks)
 
 
 async def run_standalone(settings: Settings) -> None:

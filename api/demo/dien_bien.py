@@ -443,3 +443,23 @@ STAFF: list[tuple[str, str, str]] = [
     ("011075000203", "PK-THANHHAI", "admin"),
     ("011179000204", "TTYT-TUANGIAO", "admin"),
 ]
+
+
+def _hours(days: range, *windows: tuple[str, str]) -> list[dict[str, Any]]:
+    return [{"weekday": d, "start": start, "end": end} for d in days for start, end in windows]
+
+
+MORNING_AND_AFTERNOON = (("07:30", "11:30"), ("13:30", "16:30"))
+WEEKDAYS_ONLY = range(1, 6)
+
+# (facility, doctor code, service code, weekly hours, modes, capacity): booking works out of the box.
+SCHEDULES: list[tuple[str, str, str, list[dict[str, Any]], list[str], int]] = [
+    ("BVDK-DB", "BS-AN", "KHAM-NOI", _hours(WEEKDAYS_ONLY, *MORNING_AND_AFTERNOON), ["in_person"], 1),
+    ("BVDK-DB", "BS-AN", "TU-VAN-VIDEO", _hours(WEEKDAYS_ONLY, ("17:00", "19:00")), ["video"], 1),
+    ("BVDK-DB", "BS-HUONG", "KHAM-NOI", _hours(WEEKDAYS_ONLY, *MORNING_AND_AFTERNOON), ["in_person"], 1),
+    ("BV-SANNHI-DB", "BS-MAI", "KHAM-NHI", _hours(range(1, 7), ("07:30", "11:30")), ["in_person"], 1),
+    ("TTYT-TUANGIAO", "BS-PAO", "KHAM-BENH", _hours(WEEKDAYS_ONLY, *MORNING_AND_AFTERNOON), ["in_person"], 1),
+    ("TTYT-TUANGIAO", "BS-PAO", "TIEM-CHUNG", _hours(range(6, 7), ("07:30", "10:30")), ["in_person"], 10),
+    ("PK-THANHHAI", "BS-HAI", "KHAM-DV", _hours(range(1, 8), ("08:00", "12:00")), ["in_person"], 1),
+    ("PK-THANHHAI", "BS-HAI", "TU-VAN-VIDEO", _hours(range(1, 8), ("19:00", "21:00")), ["video"], 1),
+]

@@ -6,7 +6,8 @@ import json
 
 import asyncpg
 
-from api.demo.dien_bien import DOCTORS, FACILITIES, STAFF
+from api.booking import queries as booking_queries
+from api.demo.dien_bien import DOCTORS, FACILITIES, SCHEDULES, STAFF
 from api.directory import queries
 
 
@@ -38,6 +39,16 @@ async def seed(dsn: str) -> dict[str, int]:
                 )
             for personal_id, facility_code, role in STAFF:
                 await queries.add_staff(conn, ids[facility_code], personal_id, role)
+            for facility_code, doctor_code, service_code, weekly, modes, capacity in SCHEDULES:
+                await booking_queries.ensure_schedule(
+                    conn, ids[facility_code], doctor_code, service_code, weekly, modes, capacity
+                )
     finally:
         await conn.close()
-    return {"facilities": len(FACILITIES), "services": services, "doctors": len(DOCTORS), "staff": len(STAFF)}
+    return {
+        "facilities": len(FACILITIES),
+        "services": services,
+        "doctors": len(DOCTORS),
+        "staff": len(STAFF),
+        "schedules": len(SCHEDULES),
+    }

@@ -1,0 +1,1 @@
+"""Booking: schedules, computed availability, appointments, holds, queue numbers, check-in, the waitlist."""

@@ -1,0 +1,327 @@
+"""Booking, cancelling, moving and checking in appointments: the rules, in one place.
+
+Every function runs inside the caller's transaction (the request's), so a failure part-way
+leaves nothing behind. Double booking is impossible by construction: the exclusion constraint
+on `appointments` decides who gets a place, and losers get 409 `slot_taken`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import asyncpg
+
+import notifications
+from api.booking import queries, states
+from api.booking.models import AppointmentCreate, AppointmentOut
+from api.booking.slots import Schedule, Slot, find_slot, is_open
+from api.clinic_time import clinic_time
+from api.errors import ApiError
+from api.identity.cccd import matches, parse_cccd_qr
+from api.settings import Settings
+
+REMINDERS = (
+    ("appointment_reminder_24h", dt.timedelta(hours=24)),
+    ("appointment_reminder_15m", dt.timedelta(minutes=15)),
+)
+
+
+def appointment_out(row: asyncpg.Record, now: dt.datetime) -> AppointmentOut:
+    status = row["status"]
+    if status == "held" and row["hold_expires_at"] <= now:
+        status = "expired"  # the housekeeping job has not got to it yet; the hold is over all the same
+    return AppointmentOut(
+        id=row["id"],
+        status=status,
+        patient_id=row["patient_id"],
+        facility_id=row["facility_id"],
+        doctor_id=row["doctor_id"],
+        service_id=row["service_id"],
+        start=clinic_time(row["starts_at"]),
+        end=clinic_time(row["ends_at"]),
+        mode=row["mode"],
+        hold_expires_at=clinic_time(row["hold_expires_at"]) if row["hold_expires_at"] else None,
+        invoice_id=row["invoice_id"],
+        queue_number=row["queue_number"],
+        reason=row["reason"],
+    )
+
+
+async def find_bookable(
+    conn: asyncpg.Connection,
+    doctor_id: uuid.UUID,
+    service_id: uuid.UUID,
+    mode: str,
+    start: dt.datetime,
+    now: dt.datetime,
+) -> tuple[Schedule, Slot]:
+    """The schedule and slot a booking asks for: 422 `not_a_slot` or `slot_not_open` otherwise."""
+    if start.tzinfo is None:
+        raise ApiError("not_a_slot")
+    day = clinic_time(start).date()
+    schedules, exceptions = await queries.bookable_schedules(
+        conn, doctor_id=doctor_id, facility_id=None, service_id=service_id, date_from=day, date_to=day
+    )
+    for schedule in schedules:
+        if mode not in schedule.modes:
+            continue
+        slot = find_slot(schedule, exceptions.get(schedule.id, []), start)
+        if slot is not None:
+            if not is_open(schedule, slot, now):
+                raise ApiError("slot_not_open")
+            return schedule, slot
+    raise ApiError("not_a_slot")
+
+
+async def take_place(
+    conn: asyncpg.Connection, schedule: Schedule, slot: Slot, patient_id: uuid.UUID, values: dict[str, object]
+) -> asyncpg.Record:
+    """Insert the appointment in the first free place of the slot; 409 `slot_taken` when none is.
+
+    A hold that ran out but is still marked `held` is expired first, so it never blocks anyone.
+    """
+    await queries.expire_holds(
+        conn, doctor_id=schedule.doctor_id, patient_id=patient_id, start=slot.start, end=slot.end
+    )
+    for seat in range(1, schedule.capacity + 1):
+        row = await queries.insert_appointment(conn, values, seat)
+        if row is not None:
+            return row
+    raise ApiError("slot_taken")
+
+
+async def check_patient_limits(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    patient_id: uuid.UUID,
+    facility_id: uuid.UUID,
+    slot: Slot,
+    moving: uuid.UUID | None = None,
+) -> None:
+    """One patient, one place at a time, and a bounded number of upcoming visits per facility.
+
+    The patient's row is locked first, so two of their bookings cannot both pass the count.
+    """
+    await queries.lock_patient(conn, patient_id)
+    if await queries.patient_busy(conn, patient_id, slot.start, slot.end, exclude=moving):
+        raise ApiError("overlapping_appointment")
+    if (
+        await queries.future_count_at(conn, patient_id, facility_id, exclude=moving)
+        >= settings.booking_max_per_facility
+    ):
+        raise ApiError("too_many_appointments")
+
+
+async def book(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    user_id: uuid.UUID,
+    data: AppointmentCreate,
+    now: dt.datetime,
+) -> AppointmentOut:
+    patient_id = data.patient_id or user_id
+    if not await queries.cares_for(conn, user_id, patient_id):
+        raise ApiError("not_found")  # someone else's patient is indistinguishable from nobody
+    schedule, slot = await find_bookable(conn, data.doctor_id, data.service_id, data.mode, data.start, now)
+    await check_patient_limits(conn, settings, patient_id, schedule.facility_id, slot)
+    terms = await queries.service_terms(conn, schedule.service_id)
+    assert terms is not None
+    held = bool(terms["prepayment_required"])
+    invoice_id = (
+        await queries.insert_invoice(conn, patient_id, schedule.facility_id, schedule.service_id)
+        if held
+        else None
+    )
+    row = await take_place(
+        conn,
+        schedule,
+        slot,
+        patient_id,
+        {
+            "patient_id": patient_id,
+            "booked_by": user_id,
+            "facility_id": schedule.facility_id,
+            "doctor_id": schedule.doctor_id,
+            "service_id": schedule.service_id,
+            "schedule_id": schedule.id,
+            "starts_at": slot.start,
+            "ends_at": slot.end,
+            "mode": data.mode,
+            "status": "held" if held else "booked",
+            "hold_expires_at": now + dt.timedelta(minutes=settings.booking_hold_minutes) if held else None,
+            "invoice_id": invoice_id,
+            "reason": data.reason,
+        },
+    )
+    if held:
+        await _tell(
+            conn,
+            row,
+            "appointment_hold_expiring",
+            not_before=row["hold_expires_at"] - dt.timedelta(minutes=3),
+        )
+    else:
+        row = await confirm(conn, row, now)
+    return appointment_out(row, now)
+
+
+async def confirm(conn: asyncpg.Connection, row: asyncpg.Record, now: dt.datetime) -> asyncpg.Record:
+    """A booked appointment gets its queue number (in person) and its notifications.
+
+    Used when booking without prepayment and, by payments, when a hold is paid.
+    """
+    if row["status"] != "booked":
+        moved = await queries.set_status(conn, row["id"], "booked", states.sources("booked"))
+        if moved is None:
+            raise ApiError("invalid_transition")
+        row = moved
+        await notifications.cancel_pending(conn, _subject(row["id"]), ["appointment_hold_expiring"])
+    if row["mode"] == "in_person":
+        await queries.give_queue_number(
+            conn, row["id"], row["doctor_id"], clinic_time(row["starts_at"]).date()
+        )
+        numbered = await queries.get_appointment(conn, row["id"])
+        assert numbered is not None
+        row = numbered
+    await _tell(conn, row, "appointment_booked")
+    await _schedule_reminders(conn, row, now)
+    return row
+
+
+async def cancel(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    row: asyncpg.Record,
+    now: dt.datetime,
+    *,
+    by_staff: bool = False,
+) -> AppointmentOut:
+    """Cancel and free the slot, up to the cut-off before the start (staff may cancel any time)."""
+    status = appointment_out(row, now).status
+    if not states.can_move(status, "cancelled"):
+        raise ApiError("invalid_transition")
+    if not by_staff and row["starts_at"] - now < dt.timedelta(minutes=settings.booking_cancel_cutoff_minutes):
+        raise ApiError("too_late_to_cancel")
+    cancelled = await queries.set_status(
+        conn, row["id"], "cancelled", states.sources("cancelled"), cancelled_at=True
+    )
+    if cancelled is None:
+        raise ApiError("invalid_transition")
+    if row["invoice_id"] is not None:
+        # A pending invoice is void; refunding a paid one belongs to payments.
+        await queries.void_invoice(conn, row["invoice_id"])
+    await notifications.cancel_pending(conn, _subject(row["id"]))
+    await _tell(conn, cancelled, "appointment_cancelled")
+    return appointment_out(cancelled, now)
+
+
+async def reschedule(
+    conn: asyncpg.Connection, settings: Settings, row: asyncpg.Record, start: dt.datetime, now: dt.datetime
+) -> AppointmentOut:
+    """Move the same appointment to another slot of the same doctor and service, atomically.
+
+    The new place is taken and the old one freed by one UPDATE: if the new slot is taken the
+    exclusion constraint refuses it and nothing changes. Invoice and payment stay attached.
+    """
+    if appointment_out(row, now).status not in ("booked", "held"):
+        raise ApiError("invalid_transition")
+    if row["starts_at"] - now < dt.timedelta(minutes=settings.booking_cancel_cutoff_minutes):
+        raise ApiError("too_late_to_cancel")
+    schedule, slot = await find_bookable(conn, row["doctor_id"], row["service_id"], row["mode"], start, now)
+    await check_patient_limits(
+        conn, settings, row["patient_id"], schedule.facility_id, slot, moving=row["id"]
+    )
+    await queries.expire_holds(
+        conn, doctor_id=schedule.doctor_id, patient_id=row["patient_id"], start=slot.start, end=slot.end
+    )
+    moved = None
+    for seat in range(1, schedule.capacity + 1):
+        try:
+            async with conn.transaction():  # a savepoint: a taken place undoes only this try
+                moved = await queries.move_appointment(
+                    conn, row["id"], schedule.id, slot.start, slot.end, seat
+                )
+            break
+        except asyncpg.ExclusionViolationError:
+            continue
+    if moved is None:
+        raise ApiError("slot_taken")
+    if moved["status"] == "booked":
+        if moved["mode"] == "in_person":
+            await queries.give_queue_number(
+                conn, moved["id"], moved["doctor_id"], clinic_time(slot.start).date()
+            )
+            moved = await queries.get_appointment(conn, moved["id"])
+            assert moved is not None
+        await notifications.cancel_pending(conn, _subject(row["id"]), [kind for kind, _ in REMINDERS])
+        await _schedule_reminders(conn, moved, now)
+        await _tell(conn, moved, "appointment_rescheduled")
+    return appointment_out(moved, now)
+
+
+async def check_in(
+    conn: asyncpg.Connection, row: asyncpg.Record, cccd_qr: str | None, now: dt.datetime
+) -> AppointmentOut:
+    """Arrival at the facility. A scanned chip ID card must be the patient's (422 `identity_mismatch`)."""
+    if appointment_out(row, now).status != "booked":
+        raise ApiError("invalid_transition")
+    if cccd_qr is not None:
+        card = parse_cccd_qr(cccd_qr)
+        patient = await queries.person(conn, row["patient_id"])
+        assert patient is not None
+        if card is None or not matches(
+            card, patient["personal_id"], patient["full_name"], patient["birthdate"]
+        ):
+            raise ApiError("identity_mismatch")
+    done = await queries.set_status(
+        conn, row["id"], "checked_in", states.sources("checked_in"), checked_in_at=True
+    )
+    if done is None:
+        raise ApiError("invalid_transition")
+    await notifications.cancel_pending(conn, _subject(row["id"]), [kind for kind, _ in REMINDERS])
+    return appointment_out(done, now)
+
+
+async def move_to(
+    conn: asyncpg.Connection, row: asyncpg.Record, target: str, now: dt.datetime
+) -> AppointmentOut:
+    """A staff transition (no-show, completed), checked against the state machine."""
+    if not states.can_move(appointment_out(row, now).status, target):
+        raise ApiError("invalid_transition")
+    moved = await queries.set_status(conn, row["id"], target, states.sources(target))
+    if moved is None:
+        raise ApiError("invalid_transition")
+    return appointment_out(moved, now)
+
+
+def _subject(appointment_id: uuid.UUID) -> str:
+    return f"appointment:{appointment_id}"
+
+
+async def _tell(
+    conn: asyncpg.Connection, row: asyncpg.Record, kind: str, not_before: dt.datetime | None = None
+) -> None:
+    """Notify whoever booked (a guardian for a child) and the patient, if they are someone else."""
+    if kind == "appointment_hold_expiring":
+        params: dict[str, object] = {"appointment_id": row["id"], "expires_at": row["hold_expires_at"]}
+    else:
+        params = {"appointment_id": row["id"], "start": row["starts_at"]}
+    for recipient in dict.fromkeys((row["booked_by"], row["patient_id"])):
+        await notifications.enqueue(
+            conn,
+            recipient,
+            kind,
+            params,
+            dedupe_key=f"{_subject(row['id'])}:{kind}:{row['starts_at'].isoformat()}:{recipient}:{row['status']}",
+            not_before=not_before,
+            facility_id=row["facility_id"],
+            subject=_subject(row["id"]),
+        )
+
+
+async def _schedule_reminders(conn: asyncpg.Connection, row: asyncpg.Record, now: dt.datetime) -> None:
+    for kind, before in REMINDERS:
+        when = row["starts_at"] - before
+        if when > now:
+            await _tell(conn, row, kind, not_before=when)
