@@ -41,9 +41,10 @@ As its own process (the benchmark), it keeps counts only, served at `GET /emulat
 
 With `--record N` it also keeps, for each of the first N messages:send requests, an `Arrival`: the
 message's `data.notification_id`, its device, `time.time()` when the request reached the handler and
-the status answered (about 250 bytes each; `bench/notifications.py` measures end-to-end latency and
-exactly-once delivery with them). `GET /emulator/arrivals` returns them as
-`{"arrivals": [[notification_id, token, at, status], ...], "dropped": n}`; `DELETE` forgets them.
+the status answered (about 350 bytes each with FCM-length tokens); past N it only counts them.
+`bench/notifications.py` measures end-to-end latency and exactly-once delivery with them.
+`GET /emulator/arrivals` returns them as `{"arrivals": [[notification_id, token, at, status], ...],
+"dropped": n}`; `DELETE` forgets them and starts again from 0.
 """
 
 from __future__ import annotations
@@ -379,6 +380,10 @@ class FcmEmulator:
         if gate is not None and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nothing waits on the gate
                 self._loop.call_soon_threadsafe(gate.set)
+
+    def revoke_tokens(self) -> None:
+        """Forget every access token issued, as Google does when a key is revoked: sends get 401."""
+        self._access_tokens = {}
 
     def reset(self) -> None:
         """Forget records and counts, end any outage and hold. Issued access tokens stay valid."""

@@ -9,18 +9,25 @@ Relies on firebase-admin internals, which is why pyproject pins `firebase-admin=
   (the local FCM emulator); the library has no public option for it.
 - `close()` closes the service's `_async_client` itself, because the library's own
   `delete_app` closes it with `asyncio.run`, which fails inside a running event loop.
+- The retrying transports in `_async_client._mounts` get an aiohttp-backed transport
+  underneath (`_wrapped_transport`), see notifications/transport.py, and the httpx client's
+  auth becomes `CurrentToken`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Generator
 from typing import Any, Literal
 
 import firebase_admin
+import httpx
 import msgspec
 from firebase_admin import credentials, exceptions, messaging
 from google.auth.transport.requests import Request as GoogleAuthRequest
+
+from notifications.transport import AiohttpTransport
 
 MAX_PER_CALL = 500  # send_each_async refuses more
 
@@ -59,6 +66,12 @@ class FcmSender:
         if endpoint:
             self._service._fcm_url = endpoint
         self._credential = self._app.credential.get_credential()
+        # Under firebase-admin's retrying transports, aiohttp instead of httpcore (transport.py).
+        self._transport = AiohttpTransport(connections=64, timeout=timeout)
+        client = self._service._async_client
+        for retrying in client._mounts.values():
+            retrying._wrapped_transport = self._transport
+        client.async_client.auth = CurrentToken(self._credential)
 
     async def send(self, pushes: list[Push]) -> list[PushResult]:
         """Send each push; one result per push, in order. Never raises for a failed device."""
@@ -78,7 +91,27 @@ class FcmSender:
 
     async def close(self) -> None:
         await self._service._async_client.aclose()
+        await self._transport.aclose()
         firebase_admin._apps.pop(self._app.name, None)
+
+
+class CurrentToken(httpx.Auth):
+    """The service account's OAuth token on each request.
+
+    firebase-admin's own auth flow builds a `requests` session per request in case the token
+    needs refreshing: an eighth of a push's CPU. Here the token is refreshed before each batch
+    (`_fresh_credential`, in a thread), so the header is all a request needs. A 401 (a token
+    revoked early) fails that push as transient and makes the next batch refresh first.
+    """
+
+    def __init__(self, credential: Any) -> None:
+        self._credential = credential
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._credential.token}"
+        response = yield request
+        if response.status_code == 401:
+            self._credential.token = None  # `valid` is False now: the next batch refreshes
 
 
 def _message(push: Push) -> messaging.Message:

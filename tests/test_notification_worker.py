@@ -483,3 +483,23 @@ async def test_a_device_deleted_while_its_push_is_in_flight_does_not_lose_the_ba
         await running
     assert await state_of(db, mine) == ("sent", 1)
     assert await state_of(db, theirs) == ("sent", 1)
+
+
+async def test_a_revoked_access_token_fails_one_pass_and_the_next_gets_a_new_one(pool, db, fcm_clean):
+    user_id = await insert_user(db)
+    token = await insert_device(db, user_id)
+    await notify(db, user_id)
+    clock = [utcnow()]
+    async with worker_for(pool, fcm_clean, clock=lambda: clock[0]) as worker:
+        await worker.drain()  # signs in to FCM (the OAuth exchange) and sends the first
+        exchanges = fcm_clean.token_exchanges
+        fcm_clean.revoke_tokens()
+        notification_id = await notify(db, user_id)
+        clock[0] = utcnow()
+        await worker.drain()
+        assert await state_of(db, notification_id) == ("pending", 1)
+        clock[0] += dt.timedelta(minutes=1)
+        await worker.drain()
+    assert await state_of(db, notification_id) == ("sent", 2)
+    assert fcm_clean.token_exchanges == exchanges + 1
+    assert data_ids(fcm_clean.sent_to(token))[1:] == [str(notification_id)]

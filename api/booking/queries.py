@@ -53,12 +53,16 @@ def schedule_of(row: asyncpg.Record) -> Schedule:
 
 
 async def doctor_and_service_at(
-    conn: asyncpg.Connection, facility_id: uuid.UUID, doctor_id: uuid.UUID, service_id: uuid.UUID
+    conn: asyncpg.Connection,
+    facility_id: uuid.UUID,
+    doctor_id: uuid.UUID | None,
+    service_id: uuid.UUID | None,
 ) -> bool:
+    """Both belong to the facility (a missing one is not checked)."""
     return bool(
         await conn.fetchval(
-            """SELECT EXISTS (SELECT 1 FROM doctors WHERE id = $2 AND facility_id = $1)
-                  AND EXISTS (SELECT 1 FROM services WHERE id = $3 AND facility_id = $1)""",
+            """SELECT ($2::uuid IS NULL OR EXISTS (SELECT 1 FROM doctors WHERE id = $2 AND facility_id = $1))
+                  AND ($3::uuid IS NULL OR EXISTS (SELECT 1 FROM services WHERE id = $3 AND facility_id = $1))""",
             facility_id,
             doctor_id,
             service_id,

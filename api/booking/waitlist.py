@@ -50,14 +50,7 @@ async def join(
         or data.date_to < clinic_time(now).date()
     ):
         raise ApiError("invalid_date_range")
-    known = await conn.fetchval(
-        """SELECT ($2::uuid IS NULL OR EXISTS (SELECT 1 FROM doctors WHERE id = $2 AND facility_id = $1))
-              AND ($3::uuid IS NULL OR EXISTS (SELECT 1 FROM services WHERE id = $3 AND facility_id = $1))""",
-        data.facility_id,
-        data.doctor_id,
-        data.service_id,
-    )
-    if not known:
+    if not await queries.doctor_and_service_at(conn, data.facility_id, data.doctor_id, data.service_id):
         raise ApiError("not_found")
     row = await queries.insert_waitlist_entry(
         conn,
@@ -84,9 +77,6 @@ async def offer_freed_slot(
     Returns the held offer's appointment id, if one was made.
     """
     if freed["starts_at"] <= now:
-        return None
-    row = await conn.fetchrow("SELECT * FROM schedules WHERE id = $1 AND active", freed["schedule_id"])
-    if row is None:
         return None
     schedules, exceptions = await queries.bookable_schedules(
         conn,
