@@ -54,6 +54,7 @@ ROUTE_ROLES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/waitlist"): CITIZEN,
     ("GET", "/v1/waitlist"): CITIZEN,
     ("POST", "/v1/waitlist/{entry_id}/accept"): CITIZEN,
+    ("DELETE", "/v1/waitlist/{entry_id}"): CITIZEN,
     ("GET", "/v1/staff/schedules"): STAFF,
     ("POST", "/v1/staff/schedules"): FRONT_DESK,
     ("POST", "/v1/staff/schedules/{schedule_id}/exceptions"): FRONT_DESK,

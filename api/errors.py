@@ -95,6 +95,11 @@ MESSAGES: dict[str, tuple[int, str, str]] = {
         "Không thể thực hiện thao tác này với lịch khám ở trạng thái hiện tại.",
         "This cannot be done to the appointment in its current state.",
     ),
+    "not_check_in_time": (
+        409,
+        "Chỉ làm thủ tục được từ 1 giờ trước giờ khám đến hết giờ khám.",
+        "Check-in opens an hour before the visit and closes when it ends.",
+    ),
     "hold_expired": (409, "Thời gian giữ chỗ đã hết.", "The hold on this slot has expired."),
     "identity_mismatch": (
         422,

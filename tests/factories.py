@@ -276,3 +276,162 @@ async def notify(
     params = options.pop("params", None) or {"invoice_id": uuid.uuid4()}
     async with db.transaction():
         return await notifications.enqueue(db, user_id, kind, params, **options)
+
+
+# --- booking: a test's own doctor, service and schedule ---------------------------------------
+# The session database is shared, so booking tests each work on a doctor nobody else books.
+
+CLINIC_TZ = dt.timezone(dt.timedelta(hours=7))  # Asia/Ho_Chi_Minh keeps +07:00 all year
+EVERY_DAY = range(1, 8)
+
+
+def clinic_today() -> dt.date:
+    return dt.datetime.now(CLINIC_TZ).date()
+
+
+def clinic_at(day: dt.date, hhmm: str) -> dt.datetime:
+    """`day` at `hh:mm` on the clinic's wall clock, as an aware datetime."""
+    return dt.datetime.combine(day, dt.time.fromisoformat(hhmm), tzinfo=CLINIC_TZ)
+
+
+@dataclass
+class OwnClinic:
+    """A doctor and a service inserted for one test at a demo facility, with one schedule."""
+
+    facility_id: uuid.UUID
+    doctor_id: uuid.UUID
+    service_id: uuid.UUID
+    schedule_id: uuid.UUID
+    price_vnd: int
+    duration_minutes: int
+
+    def booking(self, start: dt.datetime, **extra: Any) -> dict[str, Any]:
+        """A POST /v1/appointments body for this doctor and service."""
+        return {
+            "doctor_id": str(self.doctor_id),
+            "service_id": str(self.service_id),
+            "start": start.isoformat(),
+            **extra,
+        }
+
+    def availability(self, day_from: dt.date, day_to: dt.date | None = None, **extra: Any) -> dict[str, Any]:
+        return {
+            "doctor_id": str(self.doctor_id),
+            "date_from": day_from.isoformat(),
+            "date_to": (day_to or day_from).isoformat(),
+            **extra,
+        }
+
+
+async def insert_doctor(db: Any, facility_id: uuid.UUID, *, personal_id: str | None = None) -> uuid.UUID:
+    doctor_id: uuid.UUID = await db.fetchval(
+        """INSERT INTO doctors (facility_id, code, full_name, title, personal_id, video)
+           VALUES ($1, $2, 'Bác sĩ Kiểm Thử Đặt Lịch', 'BS', $3, true) RETURNING id""",
+        facility_id,
+        f"BS-T-{uuid.uuid4().hex[:10].upper()}",
+        personal_id,
+    )
+    return doctor_id
+
+
+async def insert_service(
+    db: Any, facility_id: uuid.UUID, *, duration: int = 15, price: int = 50_000, prepaid: bool = False
+) -> uuid.UUID:
+    service_id: uuid.UUID = await db.fetchval(
+        """INSERT INTO services (facility_id, code, name, duration_minutes, price_vnd, video_offered,
+                                 prepayment_required)
+           VALUES ($1, $2, 'Khám kiểm thử đặt lịch', $3, $4, true, $5) RETURNING id""",
+        facility_id,
+        f"SV-T-{uuid.uuid4().hex[:10].upper()}",
+        duration,
+        price,
+        prepaid,
+    )
+    return service_id
+
+
+async def insert_schedule(
+    db: Any,
+    facility_id: uuid.UUID,
+    doctor_id: uuid.UUID,
+    service_id: uuid.UUID,
+    *,
+    windows: tuple[tuple[str, str], ...] = (("08:00", "12:00"),),
+    weekdays: Any = EVERY_DAY,
+    capacity: int = 1,
+    buffer_minutes: int = 0,
+    modes: tuple[str, ...] = ("in_person",),
+    horizon_days: int = 30,
+    release_time: dt.time = dt.time(7, 0),
+    valid_from: dt.date | None = None,
+    valid_until: dt.date | None = None,
+) -> uuid.UUID:
+    weekly = [{"weekday": d, "start": s, "end": e} for d in weekdays for s, e in windows]
+    schedule_id: uuid.UUID = await db.fetchval(
+        """INSERT INTO schedules (facility_id, doctor_id, service_id, weekly, capacity, buffer_minutes, modes,
+                                  horizon_days, release_time, valid_from, valid_until)
+           VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11) RETURNING id""",
+        facility_id,
+        doctor_id,
+        service_id,
+        json.dumps(weekly),
+        capacity,
+        buffer_minutes,
+        list(modes),
+        horizon_days,
+        release_time,
+        valid_from or clinic_today(),
+        valid_until,
+    )
+    return schedule_id
+
+
+async def own_clinic(
+    db: Any,
+    facility_code: str,
+    *,
+    duration: int = 15,
+    price: int = 50_000,
+    prepaid: bool = False,
+    doctor_personal_id: str | None = None,
+    **schedule: Any,
+) -> OwnClinic:
+    """A fresh doctor and service at the demo facility `facility_code` and a schedule for them
+    (every day 08:00–12:00 clinic time, capacity 1, in person, valid from today, unless told)."""
+    facility_id: uuid.UUID = await db.fetchval("SELECT id FROM facilities WHERE code = $1", facility_code)
+    assert facility_id is not None, facility_code
+    doctor_id = await insert_doctor(db, facility_id, personal_id=doctor_personal_id)
+    service_id = await insert_service(db, facility_id, duration=duration, price=price, prepaid=prepaid)
+    schedule_id = await insert_schedule(db, facility_id, doctor_id, service_id, **schedule)
+    return OwnClinic(facility_id, doctor_id, service_id, schedule_id, price, duration)
+
+
+async def sessions_for_many(db: Any, settings: Settings, count: int) -> list[Session]:
+    """`count` distinct citizens, each with a live session and an access token, made in two
+    statements instead of `count` sign-ins (200 sign-ins through the API take about 8 s).
+
+    The token is the one sign-in issues (api.identity.tokens); there is no refresh token.
+    """
+    from api.identity.tokens import issue_access_token
+
+    citizens = [Citizen() for _ in range(count)]
+    users = await db.fetch(
+        """INSERT INTO users (personal_id, full_name, birthdate, sex)
+           SELECT * FROM unnest($1::text[], $2::text[], $3::date[], $4::text[]) RETURNING id""",
+        [c.personal_id for c in citizens],
+        [c.name for c in citizens],
+        [c.born for c in citizens],
+        [c.gender for c in citizens],
+    )
+    sessions = await db.fetch(
+        "INSERT INTO auth_sessions (user_id) SELECT unnest($1::uuid[]) RETURNING id, user_id",
+        [u["id"] for u in users],
+    )
+    return [
+        Session(
+            issue_access_token(settings, user_id=s["user_id"], session_id=s["id"]),
+            "",
+            {"id": str(s["user_id"])},
+        )
+        for s in sessions
+    ]

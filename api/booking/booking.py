@@ -21,6 +21,10 @@ from api.errors import ApiError
 from api.identity.cccd import matches, parse_cccd_qr
 from api.settings import Settings
 
+# Check-in opens an hour before the visit and closes when its slot ends: earlier, a patient
+# could check in days ahead and could then never be marked a no-show.
+CHECK_IN_OPENS = dt.timedelta(hours=1)
+ONCE_PER_APPOINTMENT = frozenset({"appointment_booked", "appointment_cancelled", "appointment_hold_expiring"})
 REMINDERS = (
     ("appointment_reminder_24h", dt.timedelta(hours=24)),
     ("appointment_reminder_15m", dt.timedelta(minutes=15)),
@@ -80,7 +84,11 @@ async def take_place(
     """Insert the appointment in the first free place of the slot; 409 `slot_taken` when none is.
 
     A hold that ran out but is still marked `held` is expired first, so it never blocks anyone.
+    A slot already full is refused before queueing for the doctor's lock.
     """
+    if await queries.places_left(conn, schedule.doctor_id, slot.start, slot.end, schedule.capacity) <= 0:
+        raise ApiError("slot_taken")
+    await queries.lock_doctor_days(conn, schedule.doctor_id, [clinic_time(slot.start).date()])
     await queries.expire_holds(
         conn, doctor_id=schedule.doctor_id, patient_id=patient_id, start=slot.start, end=slot.end
     )
@@ -211,6 +219,7 @@ async def cancel(
     if row["invoice_id"] is not None:
         # A pending invoice is void; refunding a paid one belongs to payments.
         await queries.void_invoice(conn, row["invoice_id"])
+    await queries.end_offer(conn, row["id"])
     await notifications.cancel_pending(conn, _subject(row["id"]))
     await _tell(conn, cancelled, "appointment_cancelled")
     return appointment_out(cancelled, now)
@@ -231,6 +240,9 @@ async def reschedule(
     schedule, slot = await find_bookable(conn, row["doctor_id"], row["service_id"], row["mode"], start, now)
     await check_patient_limits(
         conn, settings, row["patient_id"], schedule.facility_id, slot, moving=row["id"]
+    )
+    await queries.lock_doctor_days(
+        conn, schedule.doctor_id, [clinic_time(row["starts_at"]).date(), clinic_time(slot.start).date()]
     )
     await queries.expire_holds(
         conn, doctor_id=schedule.doctor_id, patient_id=row["patient_id"], start=slot.start, end=slot.end
@@ -266,6 +278,8 @@ async def check_in(
     """Arrival at the facility. A scanned chip ID card must be the patient's (422 `identity_mismatch`)."""
     if appointment_out(row, now).status != "booked":
         raise ApiError("invalid_transition")
+    if not row["starts_at"] - CHECK_IN_OPENS <= now <= row["ends_at"]:
+        raise ApiError("not_check_in_time")
     if cccd_qr is not None:
         card = parse_cccd_qr(cccd_qr)
         patient = await queries.person(conn, row["patient_id"])
@@ -313,7 +327,9 @@ async def _tell(
             recipient,
             kind,
             params,
-            dedupe_key=f"{_subject(row['id'])}:{kind}:{row['starts_at'].isoformat()}:{recipient}:{row['status']}",
+            # Booked, cancelled and hold-expiring happen once per appointment; reminders and
+            # "moved" come again with every move, so they carry no key.
+            dedupe_key=f"{_subject(row['id'])}:{kind}:{recipient}" if kind in ONCE_PER_APPOINTMENT else None,
             not_before=not_before,
             facility_id=row["facility_id"],
             subject=_subject(row["id"]),

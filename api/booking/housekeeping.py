@@ -26,7 +26,6 @@ async def expire_and_offer(pool: FairPool, settings: Settings) -> int:
     async with pool.acquire() as conn, conn.transaction():
         expired = await expire_holds(conn)
         for row in expired:
-            await waitlist.lapse_offer(conn, row)
             await waitlist.offer_freed_slot(conn, settings, row, utcnow())
     return len(expired)
 

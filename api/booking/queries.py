@@ -278,7 +278,8 @@ async def expire_holds(
     end: dt.datetime | None = None,
     limit: int = 500,
 ) -> list[asyncpg.Record]:
-    """Holds past their time become `expired` and their pending invoices `void`; the expired rows.
+    """Holds past their time become `expired`, their pending invoices `void` and the waitlist
+    offers they were `lapsed`; the expired rows.
 
     Called for a slot just before booking it (so a stale hold never blocks a patient) and by the
     housekeeping job for all of them. SKIP LOCKED: a hold being paid right now is left to its payer.
@@ -297,7 +298,10 @@ async def expire_holds(
                 RETURNING {APPOINTMENT}),
             voided AS (
                 UPDATE invoices SET status = 'void', updated_at = now()
-                 WHERE id IN (SELECT invoice_id FROM expired) AND status = 'pending')
+                 WHERE id IN (SELECT invoice_id FROM expired) AND status = 'pending'),
+            lapsed AS (
+                UPDATE waitlist_entries SET status = 'lapsed', updated_at = now()
+                 WHERE status = 'offered' AND offer_appointment_id IN (SELECT id FROM expired))
             SELECT * FROM expired a""",
         doctor_id,
         start,
@@ -306,6 +310,43 @@ async def expire_holds(
         patient_id,
     )
     return rows
+
+
+async def lock_doctor_days(conn: asyncpg.Connection, doctor_id: uuid.UUID, days: Sequence[dt.date]) -> None:
+    """Serialise changes to one doctor's slots on these clinic days until the transaction ends.
+
+    The exclusion constraint alone keeps bookings apart, but a move (an UPDATE) racing a
+    booking or another move into the same time can deadlock on it, and the loser would get
+    a 500 after a second. Taking these locks in date order first makes them wait in line.
+    """
+    for day in sorted(set(days)):
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"slots:{doctor_id}:{day}"
+        )
+
+
+async def places_left(
+    conn: asyncpg.Connection, doctor_id: uuid.UUID, start: dt.datetime, end: dt.datetime, capacity: int
+) -> int:
+    """Places of a slot not held by anyone right now (a quick answer; the constraint decides)."""
+    taken: int = await conn.fetchval(
+        """SELECT count(*) FROM appointments
+            WHERE doctor_id = $1 AND starts_at < $3 AND ends_at > $2
+              AND (status IN ('booked', 'checked_in', 'completed') OR (status = 'held' AND hold_expires_at > now()))""",
+        doctor_id,
+        start,
+        end,
+    )
+    return capacity - taken
+
+
+async def end_offer(conn: asyncpg.Connection, appointment_id: uuid.UUID) -> None:
+    """The held appointment of a waitlist offer is gone (cancelled): the offer lapses."""
+    await conn.execute(
+        """UPDATE waitlist_entries SET status = 'lapsed', updated_at = now()
+            WHERE offer_appointment_id = $1 AND status = 'offered'""",
+        appointment_id,
+    )
 
 
 async def insert_invoice(
@@ -579,14 +620,6 @@ async def set_waitlist_status(
         offer_appointment_id,
     )
     assert row is not None
-    return row
-
-
-async def entry_offered(conn: asyncpg.Connection, appointment_id: uuid.UUID) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(
-        f"SELECT {WAITLIST} FROM waitlist_entries w WHERE w.offer_appointment_id = $1 AND w.status = 'offered' FOR UPDATE",
-        appointment_id,
-    )
     return row
 
 

@@ -7,7 +7,7 @@ import uuid
 from typing import Annotated, Literal
 
 import asyncpg
-from litestar import Controller, Response, get, post
+from litestar import Controller, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -228,7 +228,7 @@ class AppointmentController(Controller):
         operation_id="checkInAppointment",
         summary="Arrive at the facility (the patient, or staff scanning the chip ID card's QR)",
         status_code=200,
-        responses=error_responses(*APPOINTMENT_ERRORS, "identity_mismatch"),
+        responses=error_responses(*APPOINTMENT_ERRORS, "identity_mismatch", "not_check_in_time"),
     )
     async def check_in(
         self,
@@ -249,15 +249,28 @@ class WaitlistController(Controller):
     @post(
         operation_id="joinWaitlist",
         summary="Wait for a slot of a doctor or service in a date range",
-        responses=error_responses("unauthorized", "not_found", "invalid_date_range"),
+        description="`Idempotency-Key` is required.",
+        responses=error_responses(
+            "unauthorized",
+            "not_found",
+            "invalid_date_range",
+            "idempotency_key_required",
+            "idempotency_key_reused",
+        ),
     )
     async def join(
         self,
         request: SignedInRequest,
         db: NamedDependency[asyncpg.Connection],
         data: JSONBody[WaitlistCreate],
-    ) -> WaitlistOut:
-        return await waitlist.join(db, request.user.id, data, utcnow())
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[WaitlistOut]:
+        async def create() -> tuple[int, WaitlistOut]:
+            return 201, await waitlist.join(db, request.user.id, data, utcnow())
+
+        return await idempotent(
+            db, request.user.id, idempotency_key, "joinWaitlist", data, WaitlistOut, create
+        )
 
     @get(
         operation_id="listWaitlist",
@@ -291,3 +304,18 @@ class WaitlistController(Controller):
         entry_id: FromPath[uuid.UUID],
     ) -> WaitlistOut:
         return await waitlist.accept(db, state.settings, request.user.id, entry_id, utcnow())
+
+    @delete(
+        "/{entry_id:uuid}",
+        operation_id="leaveWaitlist",
+        summary="Stop waiting; a slot held for this entry is released to the next one",
+        responses=error_responses("unauthorized", "not_found"),
+    )
+    async def leave(
+        self,
+        request: SignedInRequest,
+        state: State,
+        db: NamedDependency[asyncpg.Connection],
+        entry_id: FromPath[uuid.UUID],
+    ) -> None:
+        await waitlist.leave(db, state.settings, request.user.id, entry_id, utcnow())

@@ -13,7 +13,7 @@ import uuid
 import asyncpg
 
 import notifications
-from api.booking import booking, queries
+from api.booking import booking, queries, states
 from api.booking.models import WaitlistCreate, WaitlistOut
 from api.booking.slots import Schedule, Slot, find_slot
 from api.clinic_time import clinic_time
@@ -195,8 +195,19 @@ async def accept(
     return waitlist_out(entry, offer, now)
 
 
-async def lapse_offer(conn: asyncpg.Connection, expired: asyncpg.Record) -> None:
-    """An offer's hold ran out: the entry lapses (the slot goes on to the next one)."""
-    entry = await queries.entry_offered(conn, expired["id"])
-    if entry is not None:
-        await queries.set_waitlist_status(conn, entry["id"], "lapsed", expired["id"])
+async def leave(
+    conn: asyncpg.Connection, settings: Settings, user_id: uuid.UUID, entry_id: uuid.UUID, now: dt.datetime
+) -> None:
+    """Leave the waitlist. A slot held for the entry is let go and offered to the next one."""
+    entry = await queries.waitlist_entry_for(conn, user_id, entry_id)
+    if entry is None or entry["status"] not in ("waiting", "offered"):
+        raise ApiError("not_found")
+    if entry["status"] == "offered":
+        offer = await queries.get_appointment(conn, entry["offer_appointment_id"], lock=True)
+        if offer is not None and offer["status"] == "held":
+            await queries.set_status(
+                conn, offer["id"], "cancelled", states.sources("cancelled"), cancelled_at=True
+            )
+            await notifications.cancel_pending(conn, f"appointment:{offer['id']}")
+            await offer_freed_slot(conn, settings, offer, now)
+    await queries.set_waitlist_status(conn, entry["id"], "cancelled", entry["offer_appointment_id"])

@@ -1,0 +1,1 @@
+"""Payments: invoices, attempts, provider callbacks, the ledger."""
