@@ -61,6 +61,16 @@ ROUTE_ROLES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/staff/appointments"): STAFF,
     ("POST", "/v1/staff/appointments/{appointment_id}/no-show"): FRONT_DESK,
     ("POST", "/v1/staff/appointments/{appointment_id}/complete"): STAFF,
+    # payments
+    ("GET", "/v1/invoices"): CITIZEN,
+    ("GET", "/v1/invoices/{invoice_id}"): CITIZEN,
+    ("POST", "/v1/invoices/{invoice_id}/payments"): CITIZEN,
+    # provider callbacks: authenticated by their signatures, not by a user
+    ("GET", "/v1/payments/callbacks/vnpay"): PUBLIC,
+    ("POST", "/v1/payments/callbacks/momo"): PUBLIC,
+    ("POST", "/v1/payments/callbacks/zalopay"): PUBLIC,
+    ("POST", "/v1/payments/callbacks/bank-transfer"): PUBLIC,
+    ("GET", "/v1/payments/return"): PUBLIC,
     # notifications
     ("POST", "/v1/devices"): CITIZEN,
     ("DELETE", "/v1/devices/{device_id}"): CITIZEN,

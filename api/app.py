@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 
+import httpx
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -36,6 +37,7 @@ from api.notifications.routes import (
     PreferencesController,
 )
 from api.observability import RequestContextMiddleware, configure_logging
+from api.payments.routes import CallbackController, InvoiceController
 from api.ratelimit import RateLimiter
 from api.settings import Settings, SettingsError, load_settings
 from realtime.fanout import channels_plugin
@@ -74,6 +76,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.db_pool = await create_pool(
             settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
         )
+        # Calls to payment providers: one pooled client, short timeouts.
+        app.state.http = httpx.AsyncClient(timeout=settings.outbound_timeout_seconds)
         try:
             if settings.worker_in_process:
                 from notifications.runner import running_worker  # firebase-admin only where it is used
@@ -83,6 +87,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             else:
                 yield
         finally:
+            await app.state.http.aclose()
             await app.state.db_pool.close()
             if redis is not None:
                 await redis.aclose()
@@ -104,6 +109,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         WaitlistController,
         StaffScheduleController,
         StaffAppointmentController,
+        InvoiceController,
+        CallbackController,
     ]
     if settings.dev_issuer_enabled:
         route_handlers.append(dev_issuer_jwks)

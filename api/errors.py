@@ -111,6 +111,22 @@ MESSAGES: dict[str, tuple[int, str, str]] = {
         "Khoảng ngày không hợp lệ (tối đa 31 ngày).",
         "The date range is not valid (at most 31 days).",
     ),
+    "invoice_not_payable": (
+        409,
+        "Hóa đơn này không còn chờ thanh toán.",
+        "This invoice is not waiting for payment.",
+    ),
+    "payment_method_unavailable": (
+        409,
+        "Cơ sở y tế này chưa nhận phương thức thanh toán này.",
+        "This facility does not take this payment method.",
+    ),
+    "payment_provider_unavailable": (
+        503,
+        "Cổng thanh toán tạm thời không phản hồi, vui lòng thử lại.",
+        "The payment provider is not answering; please try again.",
+    ),
+    "invalid_signature": (401, "Chữ ký không hợp lệ.", "The signature is not valid."),
     "idempotency_key_required": (
         400,
         "Thiếu tiêu đề Idempotency-Key.",

@@ -18,6 +18,12 @@ import msgspec
 DEV_JWT_SECRET = "dev-only-jwt-secret-not-for-production-use"  # noqa: S105 (a known dev value prod rejects)
 DEV_VNEID_AUDIENCE = "telehealth-dev"
 ACCESS_TOKEN_TTL_MAX = 15 * 60
+# The providers' published sandbox credentials (../shared/reference/payments.md): dev only.
+DEV_VNPAY_SECRET = "test_secret"  # noqa: S105
+DEV_MOMO_SECRET = "K951B6PE1waDMi640xX08PD3vg6EkVlz"  # noqa: S105
+DEV_ZALOPAY_KEY1 = "PcY4iZIKFCIdgZvA6ueMcMHHUbRLYjPL"
+DEV_ZALOPAY_KEY2 = "kLtgPl8HHhfvMuDHPwKfgfsY4Ydm9eIz"
+DEV_BANK_WEBHOOK_SECRET = "dev-only-bank-webhook-secret"  # noqa: S105
 
 
 class SettingsError(Exception):
@@ -73,6 +79,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     booking_max_per_facility: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     booking_rate_per_minute: Annotated[int, msgspec.Meta(ge=1)] = 20
     waitlist_offer_minutes: Annotated[int, msgspec.Meta(ge=1, le=24 * 60)] = 15
+
+    # Payment providers for facilities without their own account in `payment_accounts`. Dev
+    # defaults are the providers' public sandbox credentials; production refuses them. A secret
+    # may list two values separated by a comma while it is rotated: the first signs, both verify.
+    vnpay_tmn_code: str = "TEST_TMN_CODE"
+    vnpay_hash_secret: str = DEV_VNPAY_SECRET
+    vnpay_pay_url: str = "https://sandbox.vnpayment.vn/paymentv2/vpcpay.html"
+    vnpay_api_url: str = "https://sandbox.vnpayment.vn/merchant_webapi/api/transaction"
+    momo_partner_code: str = "MOMO"
+    momo_access_key: str = "F8BBA842ECF85"
+    momo_secret_key: str = DEV_MOMO_SECRET
+    momo_endpoint: str = "https://test-payment.momo.vn"
+    zalopay_app_id: int = 2553
+    zalopay_key1: str = DEV_ZALOPAY_KEY1
+    zalopay_key2: str = DEV_ZALOPAY_KEY2
+    zalopay_endpoint: str = "https://sb-openapi.zalopay.vn"
+    vietqr_bank_bin: str = "970436"
+    vietqr_account: str = "0011000000000"
+    bank_webhook_secret: str = DEV_BANK_WEBHOOK_SECRET
+    payment_minutes: Annotated[int, msgspec.Meta(ge=1, le=24 * 60)] = 15
+    """How long a payment attempt stays open (never past the appointment's hold)."""
 
     @property
     def is_dev(self) -> bool:
@@ -157,3 +184,17 @@ def _check_consistency(settings: Settings) -> None:
         raise SettingsError("DATABASE_URL: production refuses the embedded database")
     if not settings.fcm_credentials_file:
         raise SettingsError("FCM_CREDENTIALS_FILE: production needs a Firebase service-account file")
+    for name, value, dev_value in (
+        ("VNPAY_HASH_SECRET", settings.vnpay_hash_secret, DEV_VNPAY_SECRET),
+        ("MOMO_SECRET_KEY", settings.momo_secret_key, DEV_MOMO_SECRET),
+        ("ZALOPAY_KEY1", settings.zalopay_key1, DEV_ZALOPAY_KEY1),
+        ("ZALOPAY_KEY2", settings.zalopay_key2, DEV_ZALOPAY_KEY2),
+        ("BANK_WEBHOOK_SECRET", settings.bank_webhook_secret, DEV_BANK_WEBHOOK_SECRET),
+    ):
+        if dev_value in secrets_of(value):
+            raise SettingsError(f"{name}: production refuses the public sandbox credential")
+
+
+def secrets_of(value: str) -> list[str]:
+    """`new,old` while a secret is rotated: the first signs, every one verifies."""
+    return [part.strip() for part in value.split(",") if part.strip()]

@@ -25,6 +25,11 @@ PROD: dict[str, str] = {
     "VNEID_AUDIENCE": "telehealth-dienbien",
     "VNEID_JWKS_URL": "https://vneid.gov.vn/.well-known/jwks.json",
     "FCM_CREDENTIALS_FILE": "/run/secrets/firebase-service-account.json",
+    "VNPAY_HASH_SECRET": "vnpay-" + "y" * 32,
+    "MOMO_SECRET_KEY": "momo-" + "z" * 32,
+    "ZALOPAY_KEY1": "zalo1-" + "a" * 32,
+    "ZALOPAY_KEY2": "zalo2-" + "b" * 32,
+    "BANK_WEBHOOK_SECRET": "bank-" + "c" * 32,
 }
 
 
@@ -121,6 +126,19 @@ def test_prod_refuses_missing_database_url():
 def test_prod_refuses_to_run_without_push_credentials():
     """Production never sends to the local FCM emulator."""
     assert refused(without("FCM_CREDENTIALS_FILE")).startswith("FCM_CREDENTIALS_FILE")
+
+
+@pytest.mark.parametrize(
+    ("name", "sandbox"),
+    [
+        ("VNPAY_HASH_SECRET", "test_secret"),
+        ("MOMO_SECRET_KEY", "K951B6PE1waDMi640xX08PD3vg6EkVlz"),
+        ("ZALOPAY_KEY2", "new-key-of-ours," + "kLtgPl8HHhfvMuDHPwKfgfsY4Ydm9eIz"),
+        ("BANK_WEBHOOK_SECRET", "dev-only-bank-webhook-secret"),
+    ],
+)
+def test_prod_refuses_payment_sandbox_credentials(name, sandbox):
+    assert refused({**PROD, name: sandbox}).startswith(name)
 
 
 def test_worker_runs_in_process_in_dev_and_apart_in_prod():

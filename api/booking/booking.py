@@ -341,3 +341,44 @@ async def _schedule_reminders(conn: asyncpg.Connection, row: asyncpg.Record, now
         when = row["starts_at"] - before
         if when > now:
             await _tell(conn, row, kind, not_before=when)
+
+
+async def retake(
+    conn: asyncpg.Connection, settings: Settings, row: asyncpg.Record, now: dt.datetime
+) -> asyncpg.Record | None:
+    """A payment arrived after its hold ran out: book the same slot again if it is still free.
+
+    The new appointment takes over the invoice. None when the slot is gone (or the patient
+    cannot take it any more): the caller refunds.
+    """
+    try:
+        async with conn.transaction():  # a savepoint: a slot that is gone changes nothing
+            schedule, slot = await find_bookable(
+                conn, row["doctor_id"], row["service_id"], row["mode"], row["starts_at"], now
+            )
+            await check_patient_limits(conn, settings, row["patient_id"], schedule.facility_id, slot)
+            await queries.detach_invoice(conn, row["id"])
+            taken = await take_place(
+                conn,
+                schedule,
+                slot,
+                row["patient_id"],
+                {
+                    "patient_id": row["patient_id"],
+                    "booked_by": row["booked_by"],
+                    "facility_id": schedule.facility_id,
+                    "doctor_id": schedule.doctor_id,
+                    "service_id": schedule.service_id,
+                    "schedule_id": schedule.id,
+                    "starts_at": slot.start,
+                    "ends_at": slot.end,
+                    "mode": row["mode"],
+                    "status": "booked",
+                    "hold_expires_at": None,
+                    "invoice_id": row["invoice_id"],
+                    "reason": row["reason"],
+                },
+            )
+            return await confirm(conn, taken, now)
+    except ApiError:
+        return None

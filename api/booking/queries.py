@@ -633,3 +633,8 @@ async def renew_hold(
     )
     assert row is not None
     return row
+
+
+async def detach_invoice(conn: asyncpg.Connection, appointment_id: uuid.UUID) -> None:
+    """The invoice moves to the appointment that re-took this one's slot."""
+    await conn.execute("UPDATE appointments SET invoice_id = NULL WHERE id = $1", appointment_id)

@@ -1,0 +1,144 @@
+"""Calls to the providers' server APIs (create an order, ask for its state), over HTTPS with
+timeouts. The base URLs are configurable, so tests point them at local servers that check
+requests the way the providers do (tests/payment_providers.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import uuid
+from typing import Any, Literal
+
+import httpx
+import msgspec
+
+from api.errors import ApiError
+from api.payments import momo, zalopay
+from api.payments.accounts import Account
+
+Outcome = Literal["paid", "failed", "pending"]
+
+
+class ProviderAnswer(msgspec.Struct, frozen=True):
+    """What a query API said about an order."""
+
+    outcome: Outcome
+    transaction_id: str | None
+    amount_vnd: int | None
+    payload: dict[str, Any]
+
+
+async def _post(http: httpx.AsyncClient, url: str, **kwargs: Any) -> dict[str, Any]:
+    try:
+        response = await http.post(url, **kwargs)
+        body: dict[str, Any] = response.json()
+    except (httpx.HTTPError, ValueError):
+        raise ApiError("payment_provider_unavailable") from None
+    return body
+
+
+async def momo_create(
+    http: httpx.AsyncClient,
+    account: Account,
+    *,
+    order_id: str,
+    amount: int,
+    order_info: str,
+    redirect_url: str,
+    ipn_url: str,
+) -> tuple[str | None, str | None]:
+    """MoMo AIO v2 create: (payUrl, deeplink)."""
+    body = momo.build_create_body(
+        partner_code=account.config["partner_code"],
+        access_key=account.config["access_key"],
+        secret_key=account.secret("secret_key"),
+        request_id=uuid.uuid4().hex,
+        amount=amount,
+        order_id=order_id,
+        order_info=order_info,
+        redirect_url=redirect_url,
+        ipn_url=ipn_url,
+    )
+    answer = await _post(http, f"{account.config['endpoint'].rstrip('/')}/v2/gateway/api/create", json=body)
+    if answer.get("resultCode") != 0:
+        raise ApiError("payment_provider_unavailable")
+    return answer.get("payUrl"), answer.get("deeplink")
+
+
+async def momo_query(http: httpx.AsyncClient, account: Account, order_id: str) -> ProviderAnswer:
+    request_id = uuid.uuid4().hex
+    fields = {
+        "accessKey": account.config["access_key"],
+        "orderId": order_id,
+        "partnerCode": account.config["partner_code"],
+        "requestId": request_id,
+    }
+    signed = "&".join(f"{k}={v}" for k, v in fields.items())
+    body = {
+        "partnerCode": account.config["partner_code"],
+        "requestId": request_id,
+        "orderId": order_id,
+        "lang": "vi",
+        "signature": hmac.new(
+            account.secret("secret_key").encode(), signed.encode(), hashlib.sha256
+        ).hexdigest(),
+    }
+    answer = await _post(http, f"{account.config['endpoint'].rstrip('/')}/v2/gateway/api/query", json=body)
+    code = int(answer.get("resultCode", -1))
+    return ProviderAnswer(
+        momo.result_kind(code),
+        str(answer["transId"]) if answer.get("transId") else None,
+        int(answer["amount"]) if answer.get("amount") is not None else None,
+        answer,
+    )
+
+
+async def zalopay_create(
+    http: httpx.AsyncClient,
+    account: Account,
+    *,
+    app_trans_id: str,
+    amount: int,
+    description: str,
+    callback_url: str,
+    redirect_url: str,
+) -> str | None:
+    """ZaloPay v2 create: the order URL."""
+    body = zalopay.build_create_body(
+        app_id=int(account.config["app_id"]),
+        app_user="telehealth",
+        app_trans_id=app_trans_id,
+        app_time=int(time.time() * 1000),
+        amount=amount,
+        description=description,
+        callback_url=callback_url,
+        key1=account.secret("key1"),
+        embed_data=msgspec.json.encode({"redirecturl": redirect_url}).decode(),
+    )
+    answer = await _post(
+        http, f"{account.config['endpoint'].rstrip('/')}/v2/create", data={k: str(v) for k, v in body.items()}
+    )
+    if answer.get("return_code") != 1:
+        raise ApiError("payment_provider_unavailable")
+    order_url: str | None = answer.get("order_url")
+    return order_url
+
+
+async def zalopay_query(http: httpx.AsyncClient, account: Account, app_trans_id: str) -> ProviderAnswer:
+    app_id = str(account.config["app_id"])
+    key1 = account.secret("key1")
+    mac = hmac.new(key1.encode(), f"{app_id}|{app_trans_id}|{key1}".encode(), hashlib.sha256).hexdigest()
+    answer = await _post(
+        http,
+        f"{account.config['endpoint'].rstrip('/')}/v2/query",
+        data={"app_id": app_id, "app_trans_id": app_trans_id, "mac": mac},
+    )
+    code = answer.get("return_code")
+    outcome: Outcome = "paid" if code == 1 else "failed" if code == 2 else "pending"
+    return ProviderAnswer(
+        outcome,
+        str(answer["zp_trans_id"]) if answer.get("zp_trans_id") else None,
+        int(answer["amount"]) if answer.get("amount") is not None else None,
+        answer,
+    )
