@@ -126,6 +126,11 @@ MESSAGES: dict[str, tuple[int, str, str]] = {
         "Cổng thanh toán tạm thời không phản hồi, vui lòng thử lại.",
         "The payment provider is not answering; please try again.",
     ),
+    "refund_too_large": (
+        409,
+        "Số tiền hoàn lớn hơn số tiền còn lại của hóa đơn.",
+        "The refund is larger than what is left on the invoice.",
+    ),
     "invalid_signature": (401, "Chữ ký không hợp lệ.", "The signature is not valid."),
     "idempotency_key_required": (
         400,

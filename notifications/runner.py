@@ -1,5 +1,6 @@
-"""Starting the background worker: the notification worker and booking housekeeping (expiring
-holds, waitlist offers), in the API process (dev) or alone (`telehealth worker`, production)."""
+"""Starting the background worker: the notification worker, booking housekeeping (expiring
+holds, waitlist offers) and payment housekeeping (reconciliation, refunds), in the API process
+(dev) or alone (`telehealth worker`, production)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from api.booking.housekeeping import run_housekeeping
 from api.db import FairPool, create_pool
 from api.observability import configure_logging
+from api.payments.reconcile import run_payment_housekeeping
 from api.settings import Settings
 from notifications.push import FcmSender
 from notifications.worker import Worker
@@ -59,6 +61,7 @@ async def running_worker(settings: Settings, pool: FairPool) -> AsyncIterator[Wo
         tasks = [
             asyncio.create_task(worker.run(settings.database_url, stop, settings.notification_poll_seconds)),
             asyncio.create_task(run_housekeeping(pool, settings, stop)),
+            asyncio.create_task(run_payment_housekeeping(pool, settings, stop)),
         ]
         try:
             yield worker

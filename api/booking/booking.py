@@ -19,6 +19,7 @@ from api.booking.slots import Schedule, Slot, find_slot, is_open
 from api.clinic_time import clinic_time
 from api.errors import ApiError
 from api.identity.cccd import matches, parse_cccd_qr
+from api.payments.refunds import refund_invoice
 from api.settings import Settings
 
 # Check-in opens an hour before the visit and closes when its slot ends: earlier, a patient
@@ -217,8 +218,9 @@ async def cancel(
     if cancelled is None:
         raise ApiError("invalid_transition")
     if row["invoice_id"] is not None:
-        # A pending invoice is void; refunding a paid one belongs to payments.
+        # A pending invoice is void; a paid one is refunded (cancelled within policy).
         await queries.void_invoice(conn, row["invoice_id"])
+        await refund_invoice(conn, row["invoice_id"], None, "appointment cancelled")
     await queries.end_offer(conn, row["id"])
     await notifications.cancel_pending(conn, _subject(row["id"]))
     await _tell(conn, cancelled, "appointment_cancelled")

@@ -4,6 +4,7 @@ requests the way the providers do (tests/payment_providers.py)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import time
@@ -14,7 +15,7 @@ import httpx
 import msgspec
 
 from api.errors import ApiError
-from api.payments import momo, zalopay
+from api.payments import momo, vnpay, zalopay
 from api.payments.accounts import Account
 
 Outcome = Literal["paid", "failed", "pending"]
@@ -36,6 +37,14 @@ async def _post(http: httpx.AsyncClient, url: str, **kwargs: Any) -> dict[str, A
     except (httpx.HTTPError, ValueError):
         raise ApiError("payment_provider_unavailable") from None
     return body
+
+
+async def post_json(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    return await _post(http, url, json=body)
+
+
+async def post_form(http: httpx.AsyncClient, url: str, form: dict[str, str]) -> dict[str, Any]:
+    return await _post(http, url, data=form)
 
 
 async def momo_create(
@@ -142,3 +151,97 @@ async def zalopay_query(http: httpx.AsyncClient, account: Account, app_trans_id:
         int(answer["amount"]) if answer.get("amount") is not None else None,
         answer,
     )
+
+
+async def vnpay_query(
+    http: httpx.AsyncClient, account: Account, txn_ref: str, created_at: dt.datetime
+) -> ProviderAnswer:
+    """VNPay merchant web API `querydr` (2.1.0): checksum over the pipe-joined request fields."""
+    now = dt.datetime.now(vnpay.GMT7)
+    request = {
+        "vnp_RequestId": uuid.uuid4().hex,
+        "vnp_Version": "2.1.0",
+        "vnp_Command": "querydr",
+        "vnp_TmnCode": account.config["tmn_code"],
+        "vnp_TxnRef": txn_ref,
+        "vnp_TransactionDate": created_at.astimezone(vnpay.GMT7).strftime("%Y%m%d%H%M%S"),
+        "vnp_CreateDate": now.strftime("%Y%m%d%H%M%S"),
+        "vnp_IpAddr": "127.0.0.1",
+        "vnp_OrderInfo": f"Truy van {txn_ref}",
+    }
+    request["vnp_SecureHash"] = _pipe_hash(
+        account.secret("hash_secret"), [request[k] for k in VNPAY_QUERY_FIELDS]
+    )
+    answer = await _post(http, account.config["api_url"], json=request)
+    if answer.get("vnp_ResponseCode") != "00":
+        raise ApiError("payment_provider_unavailable")
+    status = answer.get("vnp_TransactionStatus")
+    outcome: Outcome = "paid" if status == "00" else "pending" if status == "01" else "failed"
+    amount = answer.get("vnp_Amount")
+    return ProviderAnswer(
+        outcome,
+        str(answer["vnp_TransactionNo"]) if answer.get("vnp_TransactionNo") else None,
+        int(amount) // 100 if isinstance(amount, (int, str)) and str(amount).isdigit() else None,
+        answer,
+    )
+
+
+VNPAY_QUERY_FIELDS = (
+    "vnp_RequestId",
+    "vnp_Version",
+    "vnp_Command",
+    "vnp_TmnCode",
+    "vnp_TxnRef",
+    "vnp_TransactionDate",
+    "vnp_CreateDate",
+    "vnp_IpAddr",
+    "vnp_OrderInfo",
+)
+
+
+def _pipe_hash(secret: str, values: list[str]) -> str:
+    return hmac.new(secret.encode(), "|".join(values).encode(), hashlib.sha512).hexdigest()
+
+
+VNPAY_REFUND_FIELDS = (
+    "vnp_RequestId",
+    "vnp_Version",
+    "vnp_Command",
+    "vnp_TmnCode",
+    "vnp_TransactionType",
+    "vnp_TxnRef",
+    "vnp_Amount",
+    "vnp_TransactionNo",
+    "vnp_TransactionDate",
+    "vnp_CreateBy",
+    "vnp_CreateDate",
+    "vnp_IpAddr",
+    "vnp_OrderInfo",
+)
+
+
+async def vnpay_refund(http: httpx.AsyncClient, account: Account, refund: Any) -> str:
+    """VNPay merchant web API `refund` (2.1.0): full (02) or partial (03) by the paid amount."""
+    now = dt.datetime.now(vnpay.GMT7)
+    request = {
+        "vnp_RequestId": uuid.uuid4().hex,
+        "vnp_Version": "2.1.0",
+        "vnp_Command": "refund",
+        "vnp_TmnCode": account.config["tmn_code"],
+        "vnp_TransactionType": "02" if refund["amount_vnd"] == refund["attempt_amount_vnd"] else "03",
+        "vnp_TxnRef": refund["order_ref"],
+        "vnp_Amount": str(int(refund["amount_vnd"]) * 100),
+        "vnp_TransactionNo": str(refund["provider_transaction_id"] or ""),
+        "vnp_TransactionDate": refund["attempt_created_at"].astimezone(vnpay.GMT7).strftime("%Y%m%d%H%M%S"),
+        "vnp_CreateBy": "telehealth",
+        "vnp_CreateDate": now.strftime("%Y%m%d%H%M%S"),
+        "vnp_IpAddr": "127.0.0.1",
+        "vnp_OrderInfo": f"Hoan tien {refund['order_ref']}",
+    }
+    request["vnp_SecureHash"] = _pipe_hash(
+        account.secret("hash_secret"), [request[k] for k in VNPAY_REFUND_FIELDS]
+    )
+    answer = await _post(http, account.config["api_url"], json=request)
+    if answer.get("vnp_ResponseCode") != "00":
+        raise ApiError("payment_provider_unavailable")
+    return str(answer.get("vnp_TransactionNo") or request["vnp_RequestId"])

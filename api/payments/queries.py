@@ -321,3 +321,54 @@ async def invoice_recipients(conn: asyncpg.Connection, invoice_id: uuid.UUID) ->
 async def facility_of_invoice(conn: asyncpg.Connection, invoice_id: uuid.UUID) -> uuid.UUID:
     facility_id: uuid.UUID = await conn.fetchval("SELECT facility_id FROM invoices WHERE id = $1", invoice_id)
     return facility_id
+
+
+async def expire_unanswerable(conn: asyncpg.Connection) -> None:
+    """VietQR attempts have no query API: past their time they expire (a late transfer still settles)."""
+    await conn.execute(
+        """UPDATE payment_attempts SET status = 'expired', updated_at = now()
+            WHERE provider = 'vietqr' AND status = 'pending' AND expires_at < now()"""
+    )
+
+
+async def expire_attempt(conn: asyncpg.Connection, attempt_id: uuid.UUID) -> None:
+    await conn.execute(
+        "UPDATE payment_attempts SET status = 'expired', updated_at = now() WHERE id = $1 AND status = 'pending'",
+        attempt_id,
+    )
+
+
+async def refunds_in_flight(conn: asyncpg.Connection, invoice_id: uuid.UUID) -> int:
+    """Money already asked back but not yet confirmed (so two requests cannot refund it twice)."""
+    total: int = await conn.fetchval(
+        "SELECT coalesce(sum(amount_vnd), 0) FROM refunds WHERE invoice_id = $1 AND status IN ('requested', 'manual')",
+        invoice_id,
+    )
+    return int(total)
+
+
+async def claim_requested_refunds(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """SELECT r.id, r.invoice_id, r.attempt_id, r.amount_vnd, p.provider, p.order_ref, p.provider_transaction_id,
+                  p.amount_vnd AS attempt_amount_vnd, p.created_at AS attempt_created_at, i.facility_id
+             FROM refunds r JOIN payment_attempts p ON p.id = r.attempt_id JOIN invoices i ON i.id = r.invoice_id
+            WHERE r.status = 'requested'
+              -- never tried, or tried more than 30 s ago (the provider was not answering)
+              AND (r.updated_at = r.created_at OR r.updated_at < now() - interval '30 seconds')
+            ORDER BY r.created_at LIMIT $1 FOR UPDATE OF r SKIP LOCKED""",
+        limit,
+    )
+    if rows:
+        await conn.execute(
+            "UPDATE refunds SET updated_at = now() WHERE id = ANY($1)", [r["id"] for r in rows]
+        )
+    return rows
+
+
+async def finish_refund(conn: asyncpg.Connection, refund_id: uuid.UUID, reference: str) -> None:
+    await conn.execute(
+        """UPDATE refunds SET status = 'done', provider_refund_id = $2, updated_at = now()
+            WHERE id = $1 AND status = 'requested'""",
+        refund_id,
+        reference,
+    )

@@ -1,0 +1,122 @@
+"""Giving money back: a refund is requested in the transaction that decides it (a paid visit
+cancelled within policy, a slot lost after payment, an invoice paid twice), and sent to the
+provider's refund API by the payment housekeeping loop. Only a refund the provider confirmed
+enters the ledger. A VietQR transfer cannot be reversed by API: its refund is `manual`, for the
+facility's cashier.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+
+import asyncpg
+import httpx
+
+from api.db import FairPool
+from api.errors import ApiError
+from api.payments import providers, queries, vnpay
+from api.payments.accounts import Account, account_for
+from api.settings import Settings
+
+log = logging.getLogger("telehealth.payments")
+
+
+async def refund_invoice(
+    conn: asyncpg.Connection, invoice_id: uuid.UUID, amount_vnd: int | None, reason: str
+) -> uuid.UUID | None:
+    """Request a refund of `amount_vnd` (None: all that is left) of the invoice's payment."""
+    attempt = await queries.paid_attempt(conn, invoice_id)
+    if attempt is None:
+        return None
+    paid, refunded = await queries.ledger_totals(conn, invoice_id)
+    left = paid - refunded - await queries.refunds_in_flight(conn, invoice_id)
+    amount = left if amount_vnd is None else amount_vnd
+    if amount <= 0 or amount > left:
+        raise ApiError("refund_too_large")
+    return await queries.request_refund(
+        conn, invoice_id, attempt["id"], amount, reason, manual=attempt["provider"] == "vietqr"
+    )
+
+
+async def send_requested(pool: FairPool, settings: Settings, http: httpx.AsyncClient) -> int:
+    """Send requested refunds to their providers; a confirmed one is written to the ledger."""
+    async with pool.acquire() as conn, conn.transaction():
+        due = await queries.claim_requested_refunds(conn, 20)
+    for refund in due:
+        try:
+            async with pool.acquire() as conn:
+                account = await account_for(conn, settings, refund["facility_id"], refund["provider"])
+            reference = await _send(http, account, refund)
+        except (ApiError, httpx.HTTPError):
+            log.warning("refund %s not sent yet; will try again", refund["id"])
+            continue
+        async with pool.acquire() as conn, conn.transaction():
+            await queries.finish_refund(conn, refund["id"], reference)
+            await queries.add_ledger_entry(
+                conn,
+                refund["invoice_id"],
+                refund["attempt_id"],
+                "refund",
+                refund["amount_vnd"],
+                refund["provider"],
+                reference,
+            )
+    return len(due)
+
+
+async def _send(http: httpx.AsyncClient, account: Account, refund: asyncpg.Record) -> str:
+    provider = refund["provider"]
+    if provider == "momo":
+        request_id = uuid.uuid4().hex
+        fields = {
+            "amount": int(refund["amount_vnd"]),
+            "description": "Hoan tien",
+            "orderId": f"RF{refund['id'].hex[:30]}",
+            "partnerCode": account.config["partner_code"],
+            "requestId": request_id,
+            "transId": int(refund["provider_transaction_id"]),
+        }
+        signed = "&".join(
+            f"{k}={v}" for k, v in {"accessKey": account.config["access_key"], **fields}.items()
+        )
+        body = {**fields, "lang": "vi", "signature": _hmac256(account.secret("secret_key"), signed)}
+        answer = await providers.post_json(
+            http, f"{account.config['endpoint'].rstrip('/')}/v2/gateway/api/refund", body
+        )
+        if answer.get("resultCode") != 0:
+            raise ApiError("payment_provider_unavailable")
+        return str(answer.get("transId") or request_id)
+    if provider == "zalopay":
+        app_id = str(account.config["app_id"])
+        timestamp = str(int(time.time() * 1000))
+        description = "Hoan tien"
+        m_refund_id = f"{dt.datetime.now(vnpay.GMT7):%y%m%d}_{app_id}_{refund['id'].hex[:15]}"
+        mac = _hmac256(
+            account.secret("key1"),
+            f"{app_id}|{refund['provider_transaction_id']}|{refund['amount_vnd']}|{description}|{timestamp}",
+        )
+        form = {
+            "app_id": app_id,
+            "m_refund_id": m_refund_id,
+            "zp_trans_id": str(refund["provider_transaction_id"]),
+            "amount": str(refund["amount_vnd"]),
+            "timestamp": timestamp,
+            "description": description,
+            "mac": mac,
+        }
+        answer = await providers.post_form(http, f"{account.config['endpoint'].rstrip('/')}/v2/refund", form)
+        if answer.get("return_code") not in (1, 3):
+            raise ApiError("payment_provider_unavailable")
+        return str(answer.get("refund_id") or m_refund_id)
+    if provider == "vnpay":
+        return await providers.vnpay_refund(http, account, refund)
+    raise ApiError("payment_method_unavailable")
+
+
+def _hmac256(key: str, message: str) -> str:
+    return hmac.new(key.encode(), message.encode(), hashlib.sha256).hexdigest()
