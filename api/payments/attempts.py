@@ -92,7 +92,7 @@ async def start(
             order_info=description,
             return_url=return_url,
             ip_addr=client_ip,
-            created_at=now,
+            created_at=row["created_at"],  # querydr and refund name the payment by this date
             expires_at=expires_at,
             locale="vn",
         )

@@ -173,7 +173,9 @@ async def vnpay_query(
         account.secret("hash_secret"), [request[k] for k in VNPAY_QUERY_FIELDS]
     )
     answer = await _post(http, account.config["api_url"], json=request)
-    if answer.get("vnp_ResponseCode") != "00":
+    if answer.get("vnp_ResponseCode") != "00" or not _vnpay_answer_signed(
+        account, answer, VNPAY_QUERY_ANSWER_FIELDS
+    ):
         raise ApiError("payment_provider_unavailable")
     status = answer.get("vnp_TransactionStatus")
     outcome: Outcome = "paid" if status == "00" else "pending" if status == "01" else "failed"
@@ -242,6 +244,36 @@ async def vnpay_refund(http: httpx.AsyncClient, account: Account, refund: Any) -
         account.secret("hash_secret"), [request[k] for k in VNPAY_REFUND_FIELDS]
     )
     answer = await _post(http, account.config["api_url"], json=request)
-    if answer.get("vnp_ResponseCode") != "00":
+    if answer.get("vnp_ResponseCode") != "00" or not _vnpay_answer_signed(
+        account, answer, VNPAY_REFUND_ANSWER_FIELDS
+    ):
         raise ApiError("payment_provider_unavailable")
     return str(answer.get("vnp_TransactionNo") or request["vnp_RequestId"])
+
+
+_ANSWER_COMMON = (
+    "vnp_ResponseId",
+    "vnp_Command",
+    "vnp_ResponseCode",
+    "vnp_Message",
+    "vnp_TmnCode",
+    "vnp_TxnRef",
+    "vnp_Amount",
+    "vnp_BankCode",
+    "vnp_PayDate",
+    "vnp_TransactionNo",
+    "vnp_TransactionType",
+    "vnp_TransactionStatus",
+    "vnp_OrderInfo",
+)
+VNPAY_QUERY_ANSWER_FIELDS = (*_ANSWER_COMMON, "vnp_PromotionCode", "vnp_PromotionAmount")
+VNPAY_REFUND_ANSWER_FIELDS = _ANSWER_COMMON
+
+
+def _vnpay_answer_signed(account: Account, answer: dict[str, Any], fields: tuple[str, ...]) -> bool:
+    """VNPay signs its answers too: a forged answer must not mark anything paid."""
+    received = str(answer.get("vnp_SecureHash", "")).lower()
+    values = ["" if answer.get(k) is None else str(answer[k]) for k in fields]
+    return any(
+        hmac.compare_digest(_pipe_hash(secret, values), received) for secret in account.secrets["hash_secret"]
+    )
