@@ -54,7 +54,12 @@ def worker() -> None:
         raise click.ClickException(
             "DATABASE_URL: not set (in dev, `telehealth serve` runs the worker in its own process)"
         )
-    asyncio.run(run_standalone(settings))
+    try:
+        import uvloop  # installed with uvicorn[standard]: the same loop the API server runs on
+    except ImportError:  # pragma: no cover (Windows)
+        asyncio.run(run_standalone(settings))
+    else:
+        uvloop.run(run_standalone(settings))
 
 
 @main.command()
