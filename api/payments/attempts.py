@@ -15,7 +15,7 @@ import httpx
 
 from api.booking import queries as booking_queries
 from api.errors import ApiError
-from api.payments import providers, queries, vietqr, vnpay, zalopay
+from api.payments import momo, providers, queries, vietqr, vnpay, zalopay
 from api.payments.accounts import account_for
 from api.payments.models import PaymentCreate, PaymentOut
 from api.settings import Settings
@@ -65,6 +65,8 @@ async def start(
             if appointment["hold_expires_at"] <= now:
                 raise ApiError("hold_expired")
             expires_at = min(expires_at, appointment["hold_expires_at"])
+    if data.method == "momo" and not momo.MIN_AMOUNT <= locked["amount_vnd"] <= momo.MAX_AMOUNT:
+        raise ApiError("payment_method_unavailable")  # MoMo takes 1,000 to 50,000,000 VND
     account = await account_for(conn, settings, locked["facility_id"], data.method)
     attempt_id = uuid.uuid4()
     ref = order_ref(data.method, attempt_id, now)

@@ -30,7 +30,9 @@ VNPAY_ANSWERS: dict[Result, tuple[str, str]] = {
     "invalid_signature": ("97", "Invalid signature"),
     "pending": ("00", "Confirm Success"),
 }
-MEMO_TOKEN = re.compile(r"TH[0-9A-Z]{10}")
+# Our memos (vietqr.memo_for): "TH" and ten Crockford base32 characters. Banks wrap the memo in
+# their own text, which may hold look-alikes: every overlapping candidate is tried.
+MEMO_CANDIDATES = re.compile(r"(?=(TH[0-9A-HJKMNP-TV-Z]{10}))")
 
 
 async def _account(
@@ -52,10 +54,9 @@ async def vnpay_ipn(
         vnpay.verify(params, account.secrets["hash_secret"])
         and params.get("vnp_TmnCode") == account.config["tmn_code"]
     )
-    try:
-        amount: int | None = int(params.get("vnp_Amount", "")) // 100
-    except ValueError:
-        amount = None
+    # VND x 100: anything but a whole number of VND is a wrong amount, never rounded.
+    raw_amount = params.get("vnp_Amount", "")
+    amount = int(raw_amount) // 100 if raw_amount.isdigit() and int(raw_amount) % 100 == 0 else -1
     paid = params.get("vnp_ResponseCode") == "00" and params.get("vnp_TransactionStatus") == "00"
     report = Report(
         provider="vnpay",
@@ -144,11 +145,15 @@ async def bank_transfer(
         report = Report("vietqr", None, None, None, "failed", payload)
         await settle(conn, settings, report, now, signature_valid=False)
         return False, "invalid_signature" if not valid else "invalid_body"
-    token = MEMO_TOKEN.search(notice.memo.upper())
-    attempt = await queries.find_attempt(conn, "vietqr", token.group(0)) if token else None
-    if attempt is None or attempt["amount_vnd"] != notice.amount:
-        reason = "unknown memo" if attempt is None else "wrong amount"
-        facility_id = await queries.facility_of_invoice(conn, attempt["invoice_id"]) if attempt else None
+    attempt = None
+    for candidate in MEMO_CANDIDATES.findall(notice.memo.upper()):
+        attempt = await queries.find_attempt(conn, "vietqr", candidate)
+        if attempt is not None:
+            break
+    facility_id = await queries.facility_of_invoice(conn, attempt["invoice_id"]) if attempt else None
+    account = await account_for(conn, settings, facility_id, "vietqr") if facility_id else None
+    reason = _unmatched(notice, attempt, account)
+    if reason is not None:
         await queries.keep_unmatched(conn, notice, reason, facility_id)
         await queries.record_callback(
             conn,
@@ -161,6 +166,20 @@ async def bank_transfer(
             source="callback",
         )
         return True, "unmatched"
+    assert attempt is not None
     report = Report("vietqr", attempt["order_ref"], notice.reference, notice.amount, "paid", payload)
     result = await settle(conn, settings, report, now, attempt=attempt)
     return True, result
+
+
+def _unmatched(
+    notice: BankTransferNotice, attempt: asyncpg.Record | None, account: Account | None
+) -> str | None:
+    """Why a transfer cannot pay anything (kept for staff), or None when it pays its attempt."""
+    if attempt is None or account is None:
+        return "unknown memo"
+    if notice.account != account.config["account"]:
+        return "wrong account"
+    if attempt["amount_vnd"] != notice.amount:
+        return "wrong amount"
+    return None

@@ -15,12 +15,19 @@ from typing import Literal
 InvoiceStatus = Literal["pending", "paid", "refunded", "partially_refunded", "void"]
 
 
-def invoice_status(paid_vnd: int, refunded_vnd: int, *, voided: bool) -> InvoiceStatus:
-    """`voided`: nothing was paid and the invoice was given up (the stored state was `void`)."""
+def invoice_status(amount_vnd: int, paid_vnd: int, refunded_vnd: int, *, voided: bool) -> InvoiceStatus:
+    """`voided`: nothing was paid and the invoice was given up (the stored state was `void`).
+
+    Judged on what is kept (paid minus refunded) against what is owed, so an invoice paid twice
+    whose second payment went back is simply `paid`.
+    """
     if paid_vnd <= 0:
         return "void" if voided else "pending"
     if refunded_vnd <= 0:
         return "paid"
-    if refunded_vnd >= paid_vnd:
+    kept = paid_vnd - refunded_vnd
+    if kept <= 0:
         return "refunded"
+    if kept >= amount_vnd:
+        return "paid"
     return "partially_refunded"

@@ -31,12 +31,23 @@ class ProviderAnswer(msgspec.Struct, frozen=True):
 
 
 async def _post(http: httpx.AsyncClient, url: str, **kwargs: Any) -> dict[str, Any]:
+    """The provider's JSON answer; 503 `payment_provider_unavailable` when it has none to give
+    (down, a 5xx, not JSON): an outage must never read as "not paid"."""
     try:
         response = await http.post(url, **kwargs)
-        body: dict[str, Any] = response.json()
+        body = response.json()
     except (httpx.HTTPError, ValueError):
         raise ApiError("payment_provider_unavailable") from None
+    if response.status_code >= 500 or not isinstance(body, dict):
+        raise ApiError("payment_provider_unavailable")
     return body
+
+
+def _code(answer: dict[str, Any], name: str) -> int:
+    code = answer.get(name)
+    if isinstance(code, bool) or not isinstance(code, int):
+        raise ApiError("payment_provider_unavailable")
+    return code
 
 
 async def post_json(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +105,11 @@ async def momo_query(http: httpx.AsyncClient, account: Account, order_id: str) -
         ).hexdigest(),
     }
     answer = await _post(http, f"{account.config['endpoint'].rstrip('/')}/v2/gateway/api/query", json=body)
-    code = int(answer.get("resultCode", -1))
+    code = _code(answer, "resultCode")
+    if 0 < code < 1000:
+        # 10-99 are MoMo's system and merchant errors (bad request, unknown order...), not
+        # the fate of a payment: ask again later rather than call it failed.
+        raise ApiError("payment_provider_unavailable")
     return ProviderAnswer(
         momo.result_kind(code),
         str(answer["transId"]) if answer.get("transId") else None,
@@ -143,7 +158,7 @@ async def zalopay_query(http: httpx.AsyncClient, account: Account, app_trans_id:
         f"{account.config['endpoint'].rstrip('/')}/v2/query",
         data={"app_id": app_id, "app_trans_id": app_trans_id, "mac": mac},
     )
-    code = answer.get("return_code")
+    code = _code(answer, "return_code")
     outcome: Outcome = "paid" if code == 1 else "failed" if code == 2 else "pending"
     return ProviderAnswer(
         outcome,
@@ -173,9 +188,12 @@ async def vnpay_query(
         account.secret("hash_secret"), [request[k] for k in VNPAY_QUERY_FIELDS]
     )
     answer = await _post(http, account.config["api_url"], json=request)
-    if answer.get("vnp_ResponseCode") != "00" or not _vnpay_answer_signed(
-        account, answer, VNPAY_QUERY_ANSWER_FIELDS
-    ):
+    if not _vnpay_answer_signed(account, answer, VNPAY_QUERY_ANSWER_FIELDS):
+        raise ApiError("payment_provider_unavailable")
+    if answer.get("vnp_ResponseCode") == "91":
+        # VNPay never saw this order: the patient never opened the pay page.
+        return ProviderAnswer("pending", None, None, answer)
+    if answer.get("vnp_ResponseCode") != "00":
         raise ApiError("payment_provider_unavailable")
     status = answer.get("vnp_TransactionStatus")
     outcome: Outcome = "paid" if status == "00" else "pending" if status == "01" else "failed"

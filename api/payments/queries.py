@@ -209,7 +209,7 @@ async def add_ledger_entry(
 
 async def refresh_invoice_status(conn: asyncpg.Connection, invoice_id: uuid.UUID) -> str:
     row = await conn.fetchrow(
-        """SELECT i.status,
+        """SELECT i.status, i.amount_vnd,
                   coalesce(sum(l.amount_vnd) FILTER (WHERE l.kind = 'payment'), 0) AS paid,
                   coalesce(sum(l.amount_vnd) FILTER (WHERE l.kind = 'refund'), 0) AS refunded
              FROM invoices i LEFT JOIN ledger_entries l ON l.invoice_id = i.id
@@ -217,7 +217,7 @@ async def refresh_invoice_status(conn: asyncpg.Connection, invoice_id: uuid.UUID
         invoice_id,
     )
     assert row is not None
-    status = invoice_status(row["paid"], row["refunded"], voided=row["status"] == "void")
+    status = invoice_status(row["amount_vnd"], row["paid"], row["refunded"], voided=row["status"] == "void")
     if status != row["status"]:
         await conn.execute(
             "UPDATE invoices SET status = $2, updated_at = now() WHERE id = $1", invoice_id, status
@@ -349,7 +349,7 @@ async def refunds_in_flight(conn: asyncpg.Connection, invoice_id: uuid.UUID) -> 
 
 async def claim_requested_refunds(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await conn.fetch(
-        """SELECT r.id, r.invoice_id, r.attempt_id, r.amount_vnd, p.provider, p.order_ref, p.provider_transaction_id,
+        """SELECT r.id, r.invoice_id, r.attempt_id, r.amount_vnd, r.provider_refund_id, p.provider, p.order_ref, p.provider_transaction_id,
                   p.amount_vnd AS attempt_amount_vnd, p.created_at AS attempt_created_at, i.facility_id
              FROM refunds r JOIN payment_attempts p ON p.id = r.attempt_id JOIN invoices i ON i.id = r.invoice_id
             WHERE r.status = 'requested'
@@ -372,3 +372,8 @@ async def finish_refund(conn: asyncpg.Connection, refund_id: uuid.UUID, referenc
         refund_id,
         reference,
     )
+
+
+async def note_refund_reference(conn: asyncpg.Connection, refund_id: uuid.UUID, reference: str) -> None:
+    """The provider's id for a refund it is still processing, to ask about it later."""
+    await conn.execute("UPDATE refunds SET provider_refund_id = $2 WHERE id = $1", refund_id, reference)

@@ -52,6 +52,11 @@ async def send_requested(pool: FairPool, settings: Settings, http: httpx.AsyncCl
             async with pool.acquire() as conn:
                 account = await account_for(conn, settings, refund["facility_id"], refund["provider"])
             reference = await _send(http, account, refund)
+        except RefundProcessing as processing:
+            if processing.args:
+                async with pool.acquire() as conn:
+                    await queries.note_refund_reference(conn, refund["id"], processing.args[0])
+            continue
         except (ApiError, httpx.HTTPError):
             log.warning("refund %s not sent yet; will try again", refund["id"])
             continue
@@ -92,30 +97,59 @@ async def _send(http: httpx.AsyncClient, account: Account, refund: asyncpg.Recor
             raise ApiError("payment_provider_unavailable")
         return str(answer.get("transId") or request_id)
     if provider == "zalopay":
-        app_id = str(account.config["app_id"])
-        timestamp = str(int(time.time() * 1000))
-        description = "Hoan tien"
-        m_refund_id = f"{dt.datetime.now(vnpay.GMT7):%y%m%d}_{app_id}_{refund['id'].hex[:15]}"
-        mac = _hmac256(
-            account.secret("key1"),
-            f"{app_id}|{refund['provider_transaction_id']}|{refund['amount_vnd']}|{description}|{timestamp}",
-        )
-        form = {
-            "app_id": app_id,
-            "m_refund_id": m_refund_id,
-            "zp_trans_id": str(refund["provider_transaction_id"]),
-            "amount": str(refund["amount_vnd"]),
-            "timestamp": timestamp,
-            "description": description,
-            "mac": mac,
-        }
-        answer = await providers.post_form(http, f"{account.config['endpoint'].rstrip('/')}/v2/refund", form)
-        if answer.get("return_code") not in (1, 3):
-            raise ApiError("payment_provider_unavailable")
-        return str(answer.get("refund_id") or m_refund_id)
+        return await _zalopay_refund(http, account, refund)
     if provider == "vnpay":
         return await providers.vnpay_refund(http, account, refund)
     raise ApiError("payment_method_unavailable")
+
+
+class RefundProcessing(Exception):
+    """The provider took the refund but has not finished it: ask again on a later pass."""
+
+
+async def _zalopay_refund(http: httpx.AsyncClient, account: Account, refund: asyncpg.Record) -> str:
+    """ZaloPay may answer "processing" (3): the refund keeps its m_refund_id and is asked about
+    with query_refund until it is done (1); only then does it enter the ledger."""
+    app_id = str(account.config["app_id"])
+    base = account.config["endpoint"].rstrip("/")
+    m_refund_id = refund["provider_refund_id"]
+    if m_refund_id:
+        timestamp = str(int(time.time() * 1000))
+        state = await providers.post_form(
+            http,
+            f"{base}/v2/query_refund",
+            {
+                "app_id": app_id,
+                "m_refund_id": m_refund_id,
+                "timestamp": timestamp,
+                "mac": _hmac256(account.secret("key1"), f"{app_id}|{m_refund_id}|{timestamp}"),
+            },
+        )
+        if state.get("return_code") == 1:
+            return str(m_refund_id)
+        if state.get("return_code") == 3:
+            raise RefundProcessing
+    m_refund_id = f"{dt.datetime.now(vnpay.GMT7):%y%m%d}_{app_id}_{refund['id'].hex[:15]}"
+    timestamp = str(int(time.time() * 1000))
+    description = "Hoan tien"
+    form = {
+        "app_id": app_id,
+        "m_refund_id": m_refund_id,
+        "zp_trans_id": str(refund["provider_transaction_id"]),
+        "amount": str(refund["amount_vnd"]),
+        "timestamp": timestamp,
+        "description": description,
+        "mac": _hmac256(
+            account.secret("key1"),
+            f"{app_id}|{refund['provider_transaction_id']}|{refund['amount_vnd']}|{description}|{timestamp}",
+        ),
+    }
+    answer = await providers.post_form(http, f"{base}/v2/refund", form)
+    if answer.get("return_code") == 1:
+        return m_refund_id
+    if answer.get("return_code") == 3:
+        raise RefundProcessing(m_refund_id)
+    raise ApiError("payment_provider_unavailable")
 
 
 def _hmac256(key: str, message: str) -> str:

@@ -117,9 +117,11 @@ async def settle(
     await queries.set_attempt_status(conn, locked["id"], "paid", transaction)
     if appointment is not None and appointment["status"] == "held":
         await booking.confirm(conn, appointment, now)
+    elif appointment is not None and appointment["status"] == "cancelled":
+        await _refund(conn, locked, "the appointment was cancelled before the payment arrived")
     elif (
         appointment is not None
-        and appointment["status"] in ("expired", "cancelled")
+        and appointment["status"] == "expired"
         and await booking.retake(conn, settings, appointment, now) is None
     ):
         await _refund(conn, locked, "the held slot was gone when the payment arrived")
