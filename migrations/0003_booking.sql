@@ -95,7 +95,9 @@ CREATE TABLE appointments (
         patient_id WITH =, tstzrange(starts_at, ends_at) WITH &&
     ) WHERE (status IN ('held', 'booked', 'checked_in'))
 );
-CREATE INDEX appointments_patient ON appointments (patient_id, starts_at);
+CREATE INDEX appointments_patient ON appointments (patient_id, facility_id, starts_at);
+-- Overlap lookups are written `tstzrange(starts_at, ends_at) && tstzrange(...)` with the
+-- constraints' status lists, so the exclusion constraints' GiST indexes bound them.
 CREATE INDEX appointments_doctor_time ON appointments (doctor_id, starts_at)
     WHERE status IN ('held', 'booked', 'checked_in', 'completed');
 CREATE INDEX appointments_facility_day ON appointments (facility_id, starts_at);

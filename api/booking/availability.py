@@ -15,7 +15,7 @@ import asyncpg
 from api.booking import queries
 from api.booking.models import SlotOut
 from api.booking.slots import last_open_day, slots
-from api.clinic_time import CLINIC_TZ
+from api.clinic_time import CLINIC_TZ, clinic_time
 from api.errors import ApiError
 
 MAX_DAYS = 31
@@ -49,9 +49,14 @@ async def free_slots(
         return []
     range_start = dt.datetime.combine(date_from, dt.time(), tzinfo=CLINIC_TZ)
     range_end = dt.datetime.combine(date_to + dt.timedelta(days=1), dt.time(), tzinfo=CLINIC_TZ)
+    # Everything in clinic time before comparing: comparing datetimes of two different zones
+    # costs about twenty times more, and there are hundreds of comparisons per request.
+    now = clinic_time(now)
     taken: dict[uuid.UUID, list[tuple[dt.datetime, dt.datetime]]] = {}
     for row in await queries.occupancy(conn, list({s.doctor_id for s in schedules}), range_start, range_end):
-        taken.setdefault(row["doctor_id"], []).append((row["starts_at"], row["ends_at"]))
+        taken.setdefault(row["doctor_id"], []).append(
+            (clinic_time(row["starts_at"]), clinic_time(row["ends_at"]))
+        )
     free: list[SlotOut] = []
     for schedule in schedules:
         busy = taken.get(schedule.doctor_id, [])

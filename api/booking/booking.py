@@ -85,10 +85,7 @@ async def take_place(
     """Insert the appointment in the first free place of the slot; 409 `slot_taken` when none is.
 
     A hold that ran out but is still marked `held` is expired first, so it never blocks anyone.
-    A slot already full is refused before queueing for the doctor's lock.
     """
-    if await queries.places_left(conn, schedule.doctor_id, slot.start, slot.end, schedule.capacity) <= 0:
-        raise ApiError("slot_taken")
     await queries.lock_doctor_days(conn, schedule.doctor_id, [clinic_time(slot.start).date()])
     await queries.expire_holds(
         conn, doctor_id=schedule.doctor_id, patient_id=patient_id, start=slot.start, end=slot.end
@@ -133,6 +130,10 @@ async def book(
     if not await queries.cares_for(conn, user_id, patient_id):
         raise ApiError("not_found")  # someone else's patient is indistinguishable from nobody
     schedule, slot = await find_bookable(conn, data.doctor_id, data.service_id, data.mode, data.start, now)
+    # The morning slots open, most requests are for slots already gone: say so before taking
+    # any lock (the constraint still decides the close calls).
+    if await queries.places_left(conn, schedule.doctor_id, slot.start, slot.end, schedule.capacity) <= 0:
+        raise ApiError("slot_taken")
     await check_patient_limits(conn, settings, patient_id, schedule.facility_id, slot)
     terms = await queries.service_terms(conn, schedule.service_id)
     assert terms is not None

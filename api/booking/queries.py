@@ -204,8 +204,8 @@ async def occupancy(
     """Appointments that hold a slot of these doctors in [start, end); a hold counts until it expires."""
     rows: list[asyncpg.Record] = await conn.fetch(
         """SELECT doctor_id, starts_at, ends_at FROM appointments
-            WHERE doctor_id = ANY($1) AND starts_at < $3 AND ends_at > $2
-              AND status IN ('booked', 'checked_in', 'completed', 'held')
+            WHERE doctor_id = ANY($1) AND tstzrange(starts_at, ends_at) && tstzrange($2, $3)
+              AND status IN ('held', 'booked', 'checked_in', 'completed')
               AND (status <> 'held' OR hold_expires_at > now())
             ORDER BY doctor_id, starts_at""",
         list(doctor_ids),
@@ -258,8 +258,9 @@ async def patient_busy(
     return bool(
         await conn.fetchval(
             """SELECT 1 FROM appointments
-                WHERE patient_id = $1 AND starts_at < $3 AND ends_at > $2 AND id IS DISTINCT FROM $4
-                  AND (status IN ('booked', 'checked_in') OR (status = 'held' AND hold_expires_at > now()))
+                WHERE patient_id = $1 AND tstzrange(starts_at, ends_at) && tstzrange($2, $3)
+                  AND id IS DISTINCT FROM $4 AND status IN ('held', 'booked', 'checked_in')
+                  AND (status <> 'held' OR hold_expires_at > now())
                 LIMIT 1""",
             patient_id,
             start,
@@ -289,7 +290,7 @@ async def expire_holds(
                 SELECT id FROM appointments
                  WHERE status = 'held' AND hold_expires_at <= now()
                    AND ($1::uuid IS NULL OR doctor_id = $1 OR patient_id = $5)
-                   AND ($2::timestamptz IS NULL OR (starts_at < $3 AND ends_at > $2))
+                   AND ($2::timestamptz IS NULL OR tstzrange(starts_at, ends_at) && tstzrange($2, $3))
                  ORDER BY hold_expires_at LIMIT $4
                  FOR UPDATE SKIP LOCKED),
             expired AS (
@@ -331,8 +332,9 @@ async def places_left(
     """Places of a slot not held by anyone right now (a quick answer; the constraint decides)."""
     taken: int = await conn.fetchval(
         """SELECT count(*) FROM appointments
-            WHERE doctor_id = $1 AND starts_at < $3 AND ends_at > $2
-              AND (status IN ('booked', 'checked_in', 'completed') OR (status = 'held' AND hold_expires_at > now()))""",
+            WHERE doctor_id = $1 AND tstzrange(starts_at, ends_at) && tstzrange($2, $3)
+              AND status IN ('held', 'booked', 'checked_in', 'completed')
+              AND (status <> 'held' OR hold_expires_at > now())""",
         doctor_id,
         start,
         end,

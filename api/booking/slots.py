@@ -109,7 +109,8 @@ def last_open_day(schedule: Schedule, now: dt.datetime) -> dt.date:
 
 def find_slot(schedule: Schedule, exceptions: Sequence[ScheduleException], start: dt.datetime) -> Slot | None:
     """The schedule's slot beginning exactly at `start`, if there is one."""
-    day = clinic_time(start).date()
+    start = clinic_time(start)  # same zone as the slots: a cheaper comparison
+    day = start.date()
     return next((s for s in slots(schedule, exceptions, day, day) if s.start == start), None)
 
 
