@@ -13,6 +13,8 @@ from __future__ import annotations
 import aiohttp
 import httpx
 
+_AIOHTTP_WRITES = frozenset({b"host", b"content-length", b"connection", b"accept-encoding"})
+
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, connections: int, timeout: float) -> None:
@@ -37,7 +39,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             async with self._open().request(
                 request.method,
                 str(request.url),
-                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
+                # aiohttp writes Host, Content-Length and Connection itself; handing over httpx's
+                # copies only doubles its per-request header work.
+                headers={
+                    k.decode("latin-1"): v.decode("latin-1")
+                    for k, v in request.headers.raw
+                    if k.lower() not in _AIOHTTP_WRITES
+                },
                 data=body,
                 allow_redirects=False,
             ) as response:
