@@ -83,7 +83,9 @@ def mint_id_token(
     }
     if phone_number:
         claims["phone_number"] = phone_number
-    return jwt.encode(claims, _signing_key(load_or_create_key(settings)), algorithm="RS256", headers={"kid": KID})
+    return jwt.encode(
+        claims, _signing_key(load_or_create_key(settings)), algorithm="RS256", headers={"kid": KID}
+    )
 
 
 @functools.lru_cache(maxsize=4)
