@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -10,6 +9,7 @@ import time
 import uuid
 from typing import Any
 
+import msgspec
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -51,8 +51,21 @@ def redact(text: str) -> str:
     return text
 
 
+_encode_line = msgspec.json.Encoder(enc_hook=str).encode
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line, passed through `redact`.
+
+    Except the access log's lines: `RequestContextMiddleware` builds them only from values that
+    cannot carry a secret (a route template, a known method, a status, a duration, a user id and a
+    request id that `redact` leaves unchanged). Redacting them anyway cost about 6 % of a worker's
+    CPU under load (bench/README.md).
+    """
+
     _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+    _SANITIZED = frozenset({access_log.name})
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -64,7 +77,8 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(entry, default=str, ensure_ascii=False))
+        line = _encode_line(entry).decode()
+        return line if record.name in self._SANITIZED else redact(line)
 
 
 def configure_logging(level: str) -> None:
@@ -93,7 +107,11 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        # An id that looks like a personal ID or a token is neither echoed nor logged: we make our own.
+        if _REQUEST_ID.fullmatch(incoming) and redact(incoming) == incoming:
+            request_id = incoming
+        else:
+            request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
@@ -119,7 +137,7 @@ class RequestContextMiddleware:
                 "request",
                 extra={
                     "request_id": request_id,
-                    "method": scope.get("method"),
+                    "method": method if (method := scope.get("method")) in _METHODS else "OTHER",
                     "route": scope.get("path_template") or "unmatched",
                     "status": status,
                     "ms": round((time.perf_counter() - started) * 1000, 2),

@@ -222,6 +222,23 @@ async def test_generated_request_ids_survive_redaction(client, logs):
     assert logged == ids
 
 
+async def test_a_request_id_carrying_a_personal_id_is_replaced(client, logs):
+    """The access line is not redacted after the fact, so what a client sends must be safe first."""
+    for sent in (DEMO_DOCTOR_ID, f"req-{DEMO_DOCTOR_ID}-abc"):
+        response = await client.get("/health/live", headers={"X-Request-ID": sent})
+        assert response.status_code == 200
+        echoed = response.headers["x-request-id"]
+        assert DEMO_DOCTOR_ID not in echoed
+        assert logs.access_for(echoed)["route"] == "/health/live"
+    assert_clean(logs.text, [DEMO_DOCTOR_ID])
+
+
+async def test_an_unknown_method_is_logged_as_other(client, logs):
+    response = await client.request("PROPFIND", "/health/live", headers={"X-Request-ID": "propfind-0001"})
+    assert response.status_code == 405
+    assert logs.access_for("propfind-0001")["method"] == "OTHER"
+
+
 # --- redact() -------------------------------------------------------------------------------------
 
 
