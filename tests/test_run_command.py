@@ -220,6 +220,27 @@ def counter_for(metrics_text: str, path: str) -> float:
     return total
 
 
+def _connections_per_worker(workers: list[psutil.Process], port: int, n: int) -> list[int]:
+    request = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+    try:
+        for client in clients:
+            client.sendall(request)
+        for client in clients:
+            assert client.recv(65536).startswith(b"HTTP/1.1 200")
+        return [
+            sum(
+                1
+                for c in w.net_connections("tcp")
+                if c.laddr and c.laddr.port == port and c.status == "ESTABLISHED"
+            )
+            for w in workers
+        ]
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_workers_share_metrics_and_redis(migrated_db, redis_url, tmp_path):
     port = free_port()
     env = base_env(DATABASE_URL=migrated_db, REDIS_URL=redis_url, DATA_DIR=str(tmp_path / "data"))
@@ -247,6 +268,11 @@ def test_workers_share_metrics_and_redis(migrated_db, redis_url, tmp_path):
 
         started = set(re.findall(r"Started server process \[(\d+)\]", server.stderr))
         assert len(started) == 2, server.stderr[-3000:]
+
+        # 64 keep-alive connections opened at once, as a load balancer or the benchmark opens
+        # them, land on both workers (each listens on its own SO_REUSEPORT socket).
+        busiest, second = sorted(_connections_per_worker(workers, port, 64), reverse=True)[:2]
+        assert second >= 16, f"one worker took {busiest} of the 64 connections, the other {second}"
 
         code, took = server.terminate(timeout=30)
         assert code == 0, server.stderr[-3000:]
