@@ -71,6 +71,9 @@ ROUTE_ROLES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/payments/callbacks/zalopay"): PUBLIC,
     ("POST", "/v1/payments/callbacks/bank-transfer"): PUBLIC,
     ("GET", "/v1/payments/return"): PUBLIC,
+    ("POST", "/v1/staff/invoices/{invoice_id}/refunds"): FRONT_DESK,
+    ("GET", "/v1/staff/refunds"): FRONT_DESK,
+    ("POST", "/v1/staff/refunds/{refund_id}/confirm"): FRONT_DESK,
     # notifications
     ("POST", "/v1/devices"): CITIZEN,
     ("DELETE", "/v1/devices/{device_id}"): CITIZEN,

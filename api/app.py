@@ -38,6 +38,7 @@ from api.notifications.routes import (
 )
 from api.observability import RequestContextMiddleware, configure_logging
 from api.payments.routes import CallbackController, InvoiceController
+from api.payments.staff_routes import StaffRefundController
 from api.ratelimit import RateLimiter
 from api.settings import Settings, SettingsError, load_settings
 from realtime.fanout import channels_plugin
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         StaffAppointmentController,
         InvoiceController,
         CallbackController,
+        StaffRefundController,
     ]
     if settings.dev_issuer_enabled:
         route_handlers.append(dev_issuer_jwks)

@@ -131,6 +131,16 @@ MESSAGES: dict[str, tuple[int, str, str]] = {
         "Số tiền hoàn lớn hơn số tiền còn lại của hóa đơn.",
         "The refund is larger than what is left on the invoice.",
     ),
+    "invoice_not_refundable": (
+        409,
+        "Hóa đơn này chưa được thanh toán nên không thể hoàn tiền.",
+        "This invoice has no payment to refund.",
+    ),
+    "refund_not_manual": (
+        409,
+        "Khoản hoàn tiền này không chờ thủ quỹ xác nhận.",
+        "This refund is not waiting for the cashier.",
+    ),
     "invalid_signature": (401, "Chữ ký không hợp lệ.", "The signature is not valid."),
     "idempotency_key_required": (
         400,

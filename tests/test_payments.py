@@ -1593,3 +1593,158 @@ async def test_every_invoice_the_payments_touched_agrees_with_its_ledger(db):
         ids,
     )
     assert doubles == []
+
+
+# === Refunds by the facility's cashier ==========================================================
+
+
+async def cashier(
+    db: Any, settings: Settings, facility_code: str = HOME, role: str = "facility_staff"
+) -> Session:
+    session = await new_patient(db, settings)
+    await db.execute(
+        """INSERT INTO staff (personal_id, facility_id, role)
+           SELECT u.personal_id, f.id, $3 FROM users u, facilities f WHERE u.id = $1 AND f.code = $2""",
+        uuid.UUID(session.user["id"]),
+        facility_code,
+        role,
+    )
+    return session
+
+
+async def staff_refund(
+    http: Any, session: Session, invoice_id: uuid.UUID, *, key: str | None = None, **body: Any
+) -> httpx.Response:
+    return await http.post(
+        f"/v1/staff/invoices/{invoice_id}/refunds",
+        json=body,
+        headers={**session.headers, "Idempotency-Key": key or str(uuid.uuid4())},
+    )
+
+
+async def test_a_cashier_refunds_part_of_a_paid_invoice(
+    http, db, pay_settings, pool, outbound, momo_box, zalo_box, vnpay_box, bank
+):
+    held = await hold(http, db, pay_settings)
+    await paid_through(
+        "momo", http, db, held, momo_box=momo_box, zalo_box=zalo_box, vnpay_box=vnpay_box, bank=bank
+    )
+    staff = await cashier(db, pay_settings)
+    key = str(uuid.uuid4())
+    first = await staff_refund(
+        http, staff, held.invoice_id, key=key, amount_vnd=50_000, reason="X-quang không chụp"
+    )
+    assert first.status_code == 201, first.text
+    assert (first.json()["status"], first.json()["amount_vnd"]) == ("requested", 50_000)
+    again = await staff_refund(
+        http, staff, held.invoice_id, key=key, amount_vnd=50_000, reason="X-quang không chụp"
+    )
+    assert (again.status_code, again.json(), again.headers.get("idempotent-replayed")) == (
+        201,
+        first.json(),
+        "true",
+    )
+
+    await refunds.send_requested(pool, pay_settings, outbound)
+    snap = await snapshot(db, held)
+    assert snap.refund_rows == [("done", 50_000)] and snap.refunds_in_ledger == [50_000], snap
+    assert snap.invoice == "partially_refunded"
+    await assert_ledger_consistent(db, [held.invoice_id])
+    invoice = (await http.get(f"/v1/invoices/{held.invoice_id}", headers=held.patient.headers)).json()
+    assert (invoice["status"], invoice["refunded_vnd"]) == ("partially_refunded", 50_000)
+    listed = await http.get(
+        "/v1/staff/refunds", params={"status": "done", "limit": 100}, headers=staff.headers
+    )
+    done = {r["id"]: r for r in listed.json()["items"] if r["invoice_id"] == str(held.invoice_id)}
+    assert list(done) == [first.json()["id"]] and done[first.json()["id"]]["reference"], listed.text
+    # The rest, in full (no amount), and nothing more after that.
+    rest = await staff_refund(http, staff, held.invoice_id, reason="Hủy dịch vụ")
+    assert (rest.status_code, rest.json()["amount_vnd"]) == (201, PRICE - 50_000), rest.text
+    problem(
+        await staff_refund(http, staff, held.invoice_id, amount_vnd=1, reason="thêm"), 409, "refund_too_large"
+    )
+
+
+async def test_cashiers_refunding_at_once_never_give_back_more_than_was_paid(
+    http, db, pay_settings, momo_box, zalo_box, vnpay_box, bank
+):
+    held = await hold(http, db, pay_settings)
+    await paid_through(
+        "zalopay", http, db, held, momo_box=momo_box, zalo_box=zalo_box, vnpay_box=vnpay_box, bank=bank
+    )
+    staff = await cashier(db, pay_settings)
+    async with serve(pay_settings) as concurrent:
+        answers = await asyncio.gather(
+            *(
+                staff_refund(concurrent, staff, held.invoice_id, amount_vnd=40_000, reason="hoàn")
+                for _ in range(12)
+            )
+        )
+    codes = sorted((a.status_code, a.json().get("code")) for a in answers)
+    assert codes == [(201, None)] * 3 + [(409, "refund_too_large")] * 9, codes
+    assert (await snapshot(db, held)).refund_rows == [("requested", 40_000)] * 3
+
+
+async def test_a_vietqr_refund_waits_for_the_cashier_and_enters_the_ledger_once(
+    http, db, pay_settings, momo_box, zalo_box, vnpay_box, bank
+):
+    held = await hold(http, db, pay_settings)
+    await paid_through(
+        "vietqr", http, db, held, momo_box=momo_box, zalo_box=zalo_box, vnpay_box=vnpay_box, bank=bank
+    )
+    staff = await cashier(db, pay_settings, role="admin")
+    created = await staff_refund(http, staff, held.invoice_id, reason="Bệnh nhân chuyển viện")
+    assert (created.status_code, created.json()["status"], created.json()["amount_vnd"]) == (
+        201,
+        "manual",
+        PRICE,
+    )
+    refund_id = created.json()["id"]
+    waiting = (await http.get("/v1/staff/refunds", params={"status": "manual"}, headers=staff.headers)).json()
+    assert refund_id in [r["id"] for r in waiting["items"]]
+    assert (await snapshot(db, held)).refunds_in_ledger == []
+
+    confirm = f"/v1/staff/refunds/{refund_id}/confirm"
+    done = await http.post(confirm, json={"reference": "FT26330123456"}, headers=staff.headers)
+    assert (done.status_code, done.json()["status"], done.json()["reference"]) == (
+        200,
+        "done",
+        "FT26330123456",
+    )
+    problem(
+        await http.post(confirm, json={"reference": "FT26330123456"}, headers=staff.headers),
+        409,
+        "refund_not_manual",
+    )
+    snap = await snapshot(db, held)
+    assert snap.refunds_in_ledger == [PRICE] and snap.invoice == "refunded", snap
+    await assert_ledger_consistent(db, [held.invoice_id])
+
+
+async def test_refunds_are_only_for_the_invoices_own_cashiers(
+    http, db, pay_settings, momo_box, zalo_box, vnpay_box, bank
+):
+    held = await hold(http, db, pay_settings)
+    staff = await cashier(db, pay_settings)
+    problem(
+        await staff_refund(http, staff, held.invoice_id, reason="chưa trả"), 409, "invoice_not_refundable"
+    )
+    await paid_through(
+        "vietqr", http, db, held, momo_box=momo_box, zalo_box=zalo_box, vnpay_box=vnpay_box, bank=bank
+    )
+    elsewhere = await cashier(db, pay_settings, facility_code="TYT-QUAICANG")
+    problem(await staff_refund(http, elsewhere, held.invoice_id, reason="x"), 404, "not_found")
+    for outsider in (held.patient, await cashier(db, pay_settings, role="doctor")):
+        problem(await staff_refund(http, outsider, held.invoice_id, reason="x"), 403, "forbidden")
+    for body in ({"reason": "x", "amount_vnd": 0}, {"reason": ""}, {"reason": "x", "surprise": 1}):
+        response = await staff_refund(http, staff, held.invoice_id, **body)
+        assert response.status_code in (400, 422) and response.json()["code"] == "validation_failed", (
+            response.text
+        )
+    manual = (await staff_refund(http, staff, held.invoice_id, reason="ok")).json()["id"]
+    answer = await http.post(
+        f"/v1/staff/refunds/{manual}/confirm", json={"reference": "R1"}, headers=elsewhere.headers
+    )
+    problem(answer, 404, "not_found")
+    assert (await http.get("/v1/staff/refunds", headers=elsewhere.headers)).json()["items"] == []
+    assert (await snapshot(db, held)).refund_rows == [("manual", PRICE)]

@@ -50,3 +50,35 @@ class InvoiceOut(msgspec.Struct):
 class InvoicePage(msgspec.Struct):
     items: list[InvoiceOut]
     next_cursor: str | None
+
+
+RefundStatus = Literal["requested", "done", "failed", "manual"]
+
+
+class RefundCreate(msgspec.Struct, forbid_unknown_fields=True):
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=300)]
+    amount_vnd: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    """Omitted: everything paid that is not refunded or being refunded yet."""
+
+
+class RefundConfirm(msgspec.Struct, forbid_unknown_fields=True):
+    reference: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    """The bank's reference of the transfer the cashier made back to the patient."""
+
+
+class RefundOut(msgspec.Struct):
+    id: uuid.UUID
+    invoice_id: uuid.UUID
+    facility_id: uuid.UUID
+    amount_vnd: int
+    status: RefundStatus
+    """requested: going to the provider's refund API; manual: a VietQR transfer the cashier must send back;
+    done: in the ledger."""
+    reason: str
+    reference: str | None
+    created_at: dt.datetime
+
+
+class RefundPage(msgspec.Struct):
+    items: list[RefundOut]
+    next_cursor: str | None

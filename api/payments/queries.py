@@ -365,13 +365,58 @@ async def claim_requested_refunds(conn: asyncpg.Connection, limit: int) -> list[
     return rows
 
 
-async def finish_refund(conn: asyncpg.Connection, refund_id: uuid.UUID, reference: str) -> None:
-    await conn.execute(
-        """UPDATE refunds SET status = 'done', provider_refund_id = $2, updated_at = now()
-            WHERE id = $1 AND status = 'requested'""",
+async def finish_refund(
+    conn: asyncpg.Connection, refund_id: uuid.UUID, reference: str, from_status: str
+) -> asyncpg.Record | None:
+    """Mark a refund done; None when it was no longer in `from_status` (someone else finished it)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """UPDATE refunds r SET status = 'done', provider_refund_id = $2, updated_at = now()
+             FROM payment_attempts p
+            WHERE r.id = $1 AND r.status = $3 AND p.id = r.attempt_id
+        RETURNING r.invoice_id, r.attempt_id, r.amount_vnd, p.provider""",
         refund_id,
         reference,
+        from_status,
     )
+    return row
+
+
+REFUND = (
+    "r.id, r.invoice_id, r.amount_vnd, r.status, r.reason, r.provider_refund_id, r.created_at, i.facility_id"
+)
+
+
+async def refund_at(
+    conn: asyncpg.Connection, refund_id: uuid.UUID, facilities: list[uuid.UUID]
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"""SELECT {REFUND} FROM refunds r JOIN invoices i ON i.id = r.invoice_id
+             WHERE r.id = $1 AND i.facility_id = ANY($2)""",
+        refund_id,
+        facilities,
+    )
+    return row
+
+
+async def refunds_at(
+    conn: asyncpg.Connection,
+    facilities: list[uuid.UUID],
+    status: str | None,
+    after: tuple[dt.datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT {REFUND} FROM refunds r JOIN invoices i ON i.id = r.invoice_id
+             WHERE i.facility_id = ANY($1) AND ($2::text IS NULL OR r.status = $2)
+               AND ($3::timestamptz IS NULL OR (r.created_at, r.id) > ($3, $4))
+             ORDER BY r.created_at, r.id LIMIT $5""",
+        facilities,
+        status,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+    return rows
 
 
 async def note_refund_reference(conn: asyncpg.Connection, refund_id: uuid.UUID, reference: str) -> None:

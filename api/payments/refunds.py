@@ -61,17 +61,28 @@ async def send_requested(pool: FairPool, settings: Settings, http: httpx.AsyncCl
             log.warning("refund %s not sent yet; will try again", refund["id"])
             continue
         async with pool.acquire() as conn, conn.transaction():
-            await queries.finish_refund(conn, refund["id"], reference)
-            await queries.add_ledger_entry(
-                conn,
-                refund["invoice_id"],
-                refund["attempt_id"],
-                "refund",
-                refund["amount_vnd"],
-                refund["provider"],
-                reference,
-            )
+            await record_refund_done(conn, refund["id"], reference, "requested")
     return len(due)
+
+
+async def record_refund_done(
+    conn: asyncpg.Connection, refund_id: uuid.UUID, reference: str, from_status: str
+) -> bool:
+    """The money went back: the refund is done and enters the ledger, once even if two
+    housekeeping passes (or two cashiers) finish it at the same moment."""
+    done = await queries.finish_refund(conn, refund_id, reference, from_status)
+    if done is None:
+        return False
+    await queries.add_ledger_entry(
+        conn,
+        done["invoice_id"],
+        done["attempt_id"],
+        "refund",
+        done["amount_vnd"],
+        done["provider"],
+        reference,
+    )
+    return True
 
 
 async def _send(http: httpx.AsyncClient, account: Account, refund: asyncpg.Record) -> str:
