@@ -267,7 +267,34 @@ def _from_validation(exc: ValidationException) -> ApiError:
     return ApiError("validation_failed", errors=errors)
 
 
+# The database went away under a request (a backend killed, a failover, a restart, the pool unable to
+# reconnect): the transaction rolled back, so the client may safely retry, with the same
+# Idempotency-Key where the route takes one.
+_DATABASE_LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    ConnectionError,
+)
+
+
+def _database_lost(exc: BaseException | None) -> bool:
+    # What reaches the handler is often a consequence (the transaction's exit on a closed
+    # connection, Litestar's group of dependency clean-up errors); the cause is further down.
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, _DATABASE_LOST):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _from_unexpected(exc: Exception) -> ApiError:
+    if _database_lost(exc):
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return ApiError("service_unavailable", headers={"Retry-After": "1"})
     if isinstance(exc, asyncpg.CharacterNotInRepertoireError):
         # Text PostgreSQL cannot store (a NUL character) came from the client: its error, not ours.
         return ApiError(
