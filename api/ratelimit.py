@@ -1,4 +1,4 @@
-"""Fixed-window rate limits for sign-in and refresh, shared across workers through Redis.
+"""Fixed-window rate limits for sign-in, refresh, booking and payment creation, shared across workers through Redis.
 
 Litestar's `RateLimitConfig` keeps one bucket per client for all routes and is not atomic
 across workers, so the limits that guard credentials are counted here: `INCR` + `EXPIRE`
@@ -8,10 +8,17 @@ in one Redis transaction, or a per-process counter when the app runs without Red
 from __future__ import annotations
 
 import time
+from typing import Any
 
+from litestar.connection import ASGIConnection
 from redis.asyncio import Redis
 
 from api.errors import ApiError
+
+
+def client_ip(request: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """The caller's address as the server saw it (behind a proxy, configure its forwarded headers)."""
+    return request.client.host if request.client else "unknown"
 
 
 class RateLimiter:
@@ -36,3 +43,10 @@ class RateLimiter:
         if count > limit:
             retry_after = window_start + window - now
             raise ApiError("rate_limited", headers={"Retry-After": str(max(retry_after, 1))})
+
+    async def hit_user_and_address(
+        self, name: str, request: ASGIConnection[Any, Any, Any, Any], *, per_user: int, per_address: int
+    ) -> None:
+        """A signed-in caller's attempt, counted per user and per address (many accounts, one address)."""
+        await self.hit(name, str(request.user.id), limit=per_user)
+        await self.hit(f"{name}:address", client_ip(request), limit=per_address)

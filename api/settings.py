@@ -78,6 +78,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     booking_cancel_cutoff_minutes: Annotated[int, msgspec.Meta(ge=0, le=7 * 24 * 60)] = 120
     booking_max_per_facility: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     booking_rate_per_minute: Annotated[int, msgspec.Meta(ge=1)] = 20
+    payment_rate_per_minute: Annotated[int, msgspec.Meta(ge=1)] = 20
+    # Payment creation per client address: generous, since a commune station's patients may
+    # share one address behind its router.
+    payment_rate_per_address_per_minute: Annotated[int, msgspec.Meta(ge=1)] = 300
     waitlist_offer_minutes: Annotated[int, msgspec.Meta(ge=1, le=24 * 60)] = 15
 
     # Payment providers for facilities without their own account in `payment_accounts`. Dev

@@ -89,6 +89,8 @@ def make_settings(database_url: str, redis_url: str | None, issuer: TestIssuer, 
         "dev_issuer": False,
         "data_dir": tempfile.mkdtemp(prefix="telehealth-test-data-"),
         "sign_in_rate_per_minute": 100_000,
+        # The whole suite comes from one address; tests of the per-address limit set their own.
+        "payment_rate_per_address_per_minute": 100_000,
         "max_body_bytes": 64_000,
         # Tests run the notification worker themselves (tests/test_notification_worker.py).
         "notification_worker": "external",

@@ -1748,3 +1748,37 @@ async def test_refunds_are_only_for_the_invoices_own_cashiers(
     problem(answer, 404, "not_found")
     assert (await http.get("/v1/staff/refunds", headers=elsewhere.headers)).json()["items"] == []
     assert (await snapshot(db, held)).refund_rows == [("manual", PRICE)]
+
+
+async def test_starting_payments_is_rate_limited_per_user_and_per_address(
+    database_url, redis_url, issuer, db, momo_box, zalo_box, vnpay_box
+):
+    def limited(per_user: int, per_address: int) -> Settings:
+        return make_settings(
+            database_url,
+            redis_url,
+            issuer,
+            **sandbox_overrides(momo_box, zalo_box, vnpay_box),
+            payment_rate_per_minute=per_user,
+            payment_rate_per_address_per_minute=per_address,
+        )
+
+    # A fixed one-minute window: at most two windows' worth can pass, even across a boundary.
+    address = f"10.9.{uuid.uuid4().int % 250}.7"
+    async with serve(limited(per_user=3, per_address=1000), client_ip=address) as http:
+        held = await hold(http, db, limited(3, 1000))
+        answers = [await start_payment(http, held, "vietqr") for _ in range(8)]
+        assert [a.status_code for a in answers].count(201) <= 6
+        refused = [a for a in answers if a.status_code == 429]
+        assert refused, [a.status_code for a in answers]
+        problem(refused[0], 429, "rate_limited")
+        assert int(refused[0].headers["retry-after"]) >= 1
+
+    # Patients behind one address share its limit, each well under their own.
+    settings = limited(per_user=1000, per_address=3)
+    async with serve(settings, client_ip=address.replace(".7", ".8")) as http:
+        neighbours = [await hold(http, db, settings) for _ in range(4)]
+        answers = [(await start_payment(http, n, "vietqr")).status_code for n in neighbours for _ in range(2)]
+        assert answers.count(201) <= 6 and 429 in answers, answers
+    async with serve(settings, client_ip="10.250.0.1") as elsewhere:
+        assert (await start_payment(elsewhere, neighbours[0], "vietqr")).status_code == 201

@@ -28,6 +28,7 @@ from api.identity.models import (
 from api.identity.personal_id import mask_personal_id
 from api.identity.phone import normalize_phone
 from api.identity.vneid import InvalidIdToken
+from api.ratelimit import client_ip
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -60,10 +61,6 @@ async def _token_pair(conn: asyncpg.Connection, state: State, issued: sessions.I
     )
 
 
-def _client_ip(request: AnyRequest) -> str:
-    return request.client.host if request.client else "unknown"
-
-
 class AuthController(Controller):
     path = "/v1/auth"
     tags = ["identity"]
@@ -83,7 +80,7 @@ class AuthController(Controller):
         db: NamedDependency[asyncpg.Connection],
     ) -> TokenPair:
         await state.rate_limiter.hit(
-            "sign-in", _client_ip(request), limit=state.settings.sign_in_rate_per_minute
+            "sign-in", client_ip(request), limit=state.settings.sign_in_rate_per_minute
         )
         try:
             claims = await state.vneid_verifier.verify(data.id_token)
@@ -103,7 +100,7 @@ class AuthController(Controller):
         self, request: AnyRequest, state: State, data: JSONBody[RefreshRequest]
     ) -> TokenPair:
         await state.rate_limiter.hit(
-            "refresh", _client_ip(request), limit=state.settings.sign_in_rate_per_minute * 3
+            "refresh", client_ip(request), limit=state.settings.sign_in_rate_per_minute * 3
         )
         async with state.db_pool.acquire() as conn:
             return await sessions.refresh(

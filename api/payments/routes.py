@@ -113,6 +113,7 @@ class InvoiceController(Controller):
             "payment_provider_unavailable",
             "idempotency_key_required",
             "idempotency_key_reused",
+            "rate_limited",
         ),
     )
     async def create_payment(
@@ -129,11 +130,17 @@ class InvoiceController(Controller):
         )  # only patients and guardians pay
         if invoice is None:
             raise ApiError("not_found")
-        client_ip = request.client.host if request.client else "127.0.0.1"
+        await state.rate_limiter.hit_user_and_address(
+            "payment",
+            request,
+            per_user=state.settings.payment_rate_per_minute,
+            per_address=state.settings.payment_rate_per_address_per_minute,
+        )
+        payer_ip = request.client.host if request.client else "127.0.0.1"  # VNPay requires an address
 
         async def create() -> tuple[int, PaymentOut]:
             return 201, await attempts.start(
-                db, state.settings, state.http, invoice, data, client_ip, utcnow()
+                db, state.settings, state.http, invoice, data, payer_ip, utcnow()
             )
 
         return await idempotent(
