@@ -295,6 +295,13 @@ def _from_unexpected(exc: Exception) -> ApiError:
     if _database_lost(exc):
         log.warning("database unavailable: %s", type(exc).__name__)
         return ApiError("service_unavailable", headers={"Retry-After": "1"})
+    if isinstance(exc, asyncpg.DataError) and str(exc).startswith("invalid input for query argument"):
+        # A value PostgreSQL cannot take (a date in year 1, an integer past bigint), refused by
+        # asyncpg before it was sent. Such values come from the request.
+        return ApiError(
+            "validation_failed",
+            errors=[FieldError(field="request", message="A value is outside the range the service accepts")],
+        )
     if isinstance(exc, asyncpg.CharacterNotInRepertoireError):
         # Text PostgreSQL cannot store (a NUL character) came from the client: its error, not ours.
         return ApiError(
