@@ -240,6 +240,29 @@ async def test_concurrent_refreshes_with_one_token_have_exactly_one_winner(datab
         assert outcome == [(200, None)] + [(401, "refresh_token_reused")] * 19, outcome
 
 
+async def test_a_refresh_racing_a_logout_of_its_session_never_fails_with_a_5xx(
+    database_url, redis_url, issuer
+):
+    """Whichever commits first, the session ends up logged out and the refresh gets 200 or 401."""
+    async with serve(make_settings(database_url, redis_url, issuer)) as http:
+        for _ in range(25):
+            session = await sign_in(http, issuer, Citizen())
+
+            async def refresh_soon(token: str = session.refresh_token) -> Any:
+                await asyncio.sleep(random.random() * 0.005)
+                return await refresh(http, token)
+
+            refreshed, logged_out = await asyncio.gather(
+                refresh_soon(), http.post("/v1/auth/logout", json={}, headers=session.headers)
+            )
+            assert logged_out.status_code == 204, logged_out.text
+            assert refreshed.status_code in (200, 401), refreshed.text
+            if refreshed.status_code == 200:  # it came first: the new pair belongs to the ended session
+                new_headers = {"Authorization": f"Bearer {refreshed.json()['access_token']}"}
+                assert_problem(await http.get("/v1/me", headers=new_headers), 401, "invalid_token")
+            assert_problem(await http.get("/v1/me", headers=session.headers), 401, "invalid_token")
+
+
 # Logout.
 
 

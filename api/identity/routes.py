@@ -51,7 +51,9 @@ def user_out(user: CurrentUser) -> UserOut:
 
 async def _token_pair(conn: asyncpg.Connection, state: State, issued: sessions.IssuedTokens) -> TokenPair:
     row = await queries.load_current_user(conn, issued.user_id, issued.session_id, int(time.time()))
-    assert row is not None  # the session was created in this transaction
+    if row is None:
+        # Only a refresh can get here: a logout of the same session committed while it ran.
+        raise ApiError("invalid_refresh_token")
     return TokenPair(
         access_token=issued.access_token,
         refresh_token=issued.refresh_token,
