@@ -105,63 +105,66 @@ class Batch(msgspec.Struct):
     """Active devices of each user in the batch."""
     preferences: dict[uuid.UUID, Preferences]
     done: set[tuple[uuid.UUID, uuid.UUID]]
-    """(notification, device) pairs an earlier attempt already finished: not sent again."""
+    """(notification, active device) pairs an earlier attempt already finished: not sent again."""
+    reached: set[uuid.UUID] = msgspec.field(default_factory=set)
+    """Notifications an earlier attempt finished for at least one device (active or not)."""
+
+
+# One round trip: claim the due rows (moving each a lease ahead) and read, in the same statement,
+# what sending them needs: the user's active devices, each with whether an earlier attempt already
+# finished it (a retry skips those), and the user's preferences. The due ids are looked up by
+# primary key and the devices and preferences by user, each through its index, whatever the
+# planner guesses about the table sizes (a hash join read all of `notifications` and `devices`
+# on every claim).
+_CLAIM = """WITH due AS (
+    SELECT id FROM notifications
+     WHERE push_state = 'pending' AND next_attempt_at <= $1
+     ORDER BY next_attempt_at
+     LIMIT $2
+     FOR UPDATE SKIP LOCKED),
+claimed AS (
+    UPDATE notifications n
+       SET next_attempt_at = $1 + $3::interval, attempts = n.attempts + 1
+     WHERE n.id = ANY (ARRAY (SELECT id FROM due))
+    RETURNING n.id, n.user_id, n.kind, n.params, n.attempts)
+SELECT c.id, c.user_id, c.kind, c.params, c.attempts,
+       ARRAY (
+           SELECT ROW (d.id, d.token, d.locale,
+                       c.attempts > 1 AND EXISTS (
+                           SELECT 1 FROM push_deliveries pd
+                            WHERE pd.notification_id = c.id AND pd.device_id = d.id
+                              AND pd.outcome IN ('sent', 'token_rejected')))
+             FROM devices d
+            WHERE d.user_id = c.user_id AND d.active) AS devices,
+       c.attempts > 1 AND EXISTS (
+           SELECT 1 FROM push_deliveries pd
+            WHERE pd.notification_id = c.id AND pd.outcome IN ('sent', 'token_rejected')) AS reached,
+       (SELECT ROW (p.quiet_start, p.quiet_end, p.muted_categories)
+          FROM notification_preferences p
+         WHERE p.user_id = c.user_id) AS preferences
+  FROM claimed c"""
 
 
 async def claim(pool: FairPool, now: dt.datetime, limit: int, lease: dt.timedelta) -> Batch:
     """Claim up to `limit` due messages for `lease`, with what is needed to send them."""
     async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            """WITH due AS (
-                   SELECT id FROM notifications
-                    WHERE push_state = 'pending' AND next_attempt_at <= $1
-                    ORDER BY next_attempt_at
-                    LIMIT $2
-                    FOR UPDATE SKIP LOCKED)
-               UPDATE notifications n
-                  SET next_attempt_at = $1 + $3::interval, attempts = n.attempts + 1
-                 FROM due WHERE n.id = due.id
-               RETURNING n.id, n.user_id, n.kind, n.params, n.attempts""",
-            now,
-            limit,
-            lease,
-        )
-        if not rows:
-            return Batch(messages=[], devices={}, preferences={}, done=set())
-        messages = [
-            Claimed(r["id"], r["user_id"], r["kind"], msgspec.json.decode(r["params"]), r["attempts"])
-            for r in rows
-        ]
-        user_ids = list({m.user_id for m in messages})
-        devices: dict[uuid.UUID, list[Device]] = {}
-        for r in await conn.fetch(
-            "SELECT id, user_id, token, locale FROM devices WHERE user_id = ANY($1) AND active", user_ids
-        ):
-            devices.setdefault(r["user_id"], []).append(
-                Device(r["id"], r["user_id"], r["token"], r["locale"])
-            )
-        preferences = {
-            r["user_id"]: Preferences(r["quiet_start"], r["quiet_end"], frozenset(r["muted_categories"]))
-            for r in await conn.fetch(
-                """SELECT user_id, quiet_start, quiet_end, muted_categories
-                     FROM notification_preferences WHERE user_id = ANY($1)""",
-                user_ids,
-            )
-        }
-        retried = [m.id for m in messages if m.attempts > 1]
-        done = (
-            {
-                (r["notification_id"], r["device_id"])
-                for r in await conn.fetch(
-                    """SELECT notification_id, device_id FROM push_deliveries
-                        WHERE notification_id = ANY($1) AND outcome IN ('sent', 'token_rejected')""",
-                    retried,
-                )
-            }
-            if retried
-            else set()
-        )
-    return Batch(messages=messages, devices=devices, preferences=preferences, done=done)
+        rows = await conn.fetch(_CLAIM, now, limit, lease)
+    batch = Batch(messages=[], devices={}, preferences={}, done=set())
+    decode = msgspec.json.decode
+    for r in rows:
+        message_id, user_id = r["id"], r["user_id"]
+        batch.messages.append(Claimed(message_id, user_id, r["kind"], decode(r["params"]), r["attempts"]))
+        if r["reached"]:
+            batch.reached.add(message_id)
+        if (preferences := r["preferences"]) is not None:
+            quiet_start, quiet_end, muted = preferences
+            batch.preferences[user_id] = Preferences(quiet_start, quiet_end, frozenset(muted))
+        if user_id not in batch.devices:
+            batch.devices[user_id] = [
+                Device(d, user_id, token, locale) for d, token, locale, _ in r["devices"]
+            ]
+        batch.done.update((message_id, d) for d, _, _, done in r["devices"] if done)
+    return batch
 
 
 class Delivery(msgspec.Struct, frozen=True):
@@ -184,6 +187,32 @@ class Settled(msgspec.Struct, frozen=True):
     """Deferred by quiet hours: this claim does not count as an attempt."""
 
 
+# One statement, so one round trip and atomic without BEGIN/COMMIT: store what FCM answered,
+# switch off the devices whose token it rejected, and move each message on. A message cancelled
+# while it was being sent stays cancelled.
+_RECORD = """WITH delivered AS (
+    INSERT INTO push_deliveries (notification_id, device_id, attempt, outcome, fcm_message_id, error, at)
+    SELECT n, d, a, o, m, e, $14
+      FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[])
+           AS u(n, d, a, o, m, e)
+    ON CONFLICT DO NOTHING),
+switched_off AS (
+    UPDATE devices d SET active = false, deactivated_reason = u.reason, updated_at = $14
+      FROM unnest($7::uuid[], $8::text[]) AS u(id, reason)
+     WHERE d.id = u.id)
+UPDATE notifications n
+   SET push_state = u.state,
+       next_attempt_at = coalesce(u.next_at, n.next_attempt_at),
+       attempts = n.attempts - u.refund::int,
+       last_error = u.error,
+       finished_at = CASE WHEN u.state = 'pending' THEN NULL ELSE $14::timestamptz END
+  FROM unnest($9::uuid[], $10::text[], $11::timestamptz[], $12::text[], $13::bool[])
+       AS u(id, state, next_at, error, refund)
+ WHERE n.id = u.id AND n.push_state = 'pending'
+   -- By primary key: given the array itself, the planner scanned the whole table on every record.
+   AND n.id = ANY (ARRAY (SELECT unnest($9::uuid[])))"""
+
+
 async def record(
     pool: FairPool,
     now: dt.datetime,
@@ -191,43 +220,18 @@ async def record(
     rejected_tokens: Mapping[uuid.UUID, str],
     settled: Sequence[Settled],
 ) -> None:
-    """Store what FCM answered, switch off rejected devices and move each message on, in one transaction."""
-    async with pool.acquire() as conn, conn.transaction():
-        if deliveries:
-            await conn.execute(
-                """INSERT INTO push_deliveries (notification_id, device_id, attempt, outcome, fcm_message_id, error, at)
-                   SELECT n, d, a, o, m, e, $7
-                     FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[])
-                          AS u(n, d, a, o, m, e)
-                   ON CONFLICT DO NOTHING""",
-                [d.notification_id for d in deliveries],
-                [d.device_id for d in deliveries],
-                [d.attempt for d in deliveries],
-                [d.outcome for d in deliveries],
-                [d.fcm_message_id for d in deliveries],
-                [d.error for d in deliveries],
-                now,
-            )
-        if rejected_tokens:
-            await conn.execute(
-                """UPDATE devices d SET active = false, deactivated_reason = u.reason, updated_at = $3
-                     FROM unnest($1::uuid[], $2::text[]) AS u(id, reason)
-                    WHERE d.id = u.id""",
-                list(rejected_tokens),
-                list(rejected_tokens.values()),
-                now,
-            )
-        # A message cancelled while it was being sent stays cancelled.
+    """Store what FCM answered, switch off rejected devices and move each message on, atomically."""
+    async with pool.acquire() as conn:
         await conn.execute(
-            """UPDATE notifications n
-                  SET push_state = u.state,
-                      next_attempt_at = coalesce(u.next_at, n.next_attempt_at),
-                      attempts = n.attempts - u.refund::int,
-                      last_error = u.error,
-                      finished_at = CASE WHEN u.state = 'pending' THEN NULL ELSE $6::timestamptz END
-                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::bool[])
-                      AS u(id, state, next_at, error, refund)
-                WHERE n.id = u.id AND n.push_state = 'pending'""",
+            _RECORD,
+            [d.notification_id for d in deliveries],
+            [d.device_id for d in deliveries],
+            [d.attempt for d in deliveries],
+            [d.outcome for d in deliveries],
+            [d.fcm_message_id for d in deliveries],
+            [d.error for d in deliveries],
+            list(rejected_tokens),
+            list(rejected_tokens.values()),
             [s.id for s in settled],
             [s.state for s in settled],
             [s.next_attempt_at for s in settled],

@@ -9,14 +9,17 @@ Relies on firebase-admin internals, which is why pyproject pins `firebase-admin=
   (the local FCM emulator); the library has no public option for it.
 - `close()` closes the service's `_async_client` itself, because the library's own
   `delete_app` closes it with `asyncio.run`, which fails inside a running event loop.
-- The retrying transports in `_async_client._mounts` get an aiohttp-backed transport
-  underneath (`_wrapped_transport`), see notifications/transport.py, and the httpx client's
-  auth becomes `CurrentToken`.
+- The service's `HttpxAsyncClient._async_client` (the `httpx.AsyncClient` it sends with) is
+  replaced by `FcmHttpClient` (notifications/transport.py) on the same mounted retrying transports
+  (`_async_client._mounts`), whose `_wrapped_transport` becomes our keep-alive HTTP/1.1 pool, whose
+  `_retry` settings copy themselves without `copy.deepcopy`, and whose auth is `CurrentToken`.
+  `send_each_async` itself (message encoding, retries of 500/503, error classes) is unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import uuid
 from collections.abc import Generator
 from typing import Any, Literal
@@ -25,9 +28,10 @@ import firebase_admin
 import httpx
 import msgspec
 from firebase_admin import credentials, exceptions, messaging
+from firebase_admin._retry import HttpxRetry
 from google.auth.transport.requests import Request as GoogleAuthRequest
 
-from notifications.transport import AiohttpTransport
+from notifications.transport import FcmHttpClient, Http11Transport
 
 MAX_PER_CALL = 500  # send_each_async refuses more
 
@@ -66,33 +70,73 @@ class FcmSender:
         if endpoint:
             self._service._fcm_url = endpoint
         self._credential = self._app.credential.get_credential()
-        # Under firebase-admin's retrying transports, aiohttp instead of httpcore (transport.py).
-        self._transport = AiohttpTransport(connections=64, timeout=timeout)
-        client = self._service._async_client
-        for retrying in client._mounts.values():
+        self._refreshing = asyncio.Lock()
+        # Under firebase-admin's retrying transports, a lean HTTP/1.1 pool instead of httpcore,
+        # and over them a lean httpx client instead of the stock one (transport.py).
+        self._transport = Http11Transport(connections=64, timeout=timeout)
+        wrapper = self._service._async_client  # firebase-admin's HttpxAsyncClient
+        for retrying in wrapper._mounts.values():
             retrying._wrapped_transport = self._transport
-        client.async_client.auth = CurrentToken(self._credential)
+            retrying._retry = _RetrySettings.of(retrying._retry)
+        stock: httpx.AsyncClient = wrapper._async_client  # never sent with: no connection to close
+        client = FcmHttpClient(
+            headers=stock.headers,
+            timeout=stock.timeout,
+            auth=CurrentToken(self._credential),
+            mounts=wrapper._mounts,
+            transport=self._transport,  # unused (both schemes are mounted), instead of an httpcore pool
+        )
+        # Pushes are a few hundred bytes of JSON: not worth a compressed answer.
+        client.headers["Accept-Encoding"] = "identity"
+        wrapper._async_client = client
 
     async def send(self, pushes: list[Push]) -> list[PushResult]:
         """Send each push; one result per push, in order. Never raises for a failed device."""
         await self._fresh_credential()
-        results: list[PushResult] = []
-        for start in range(0, len(pushes), MAX_PER_CALL):
-            chunk = pushes[start : start + MAX_PER_CALL]
-            batch = await messaging.send_each_async([_message(p) for p in chunk], app=self._app)
-            results.extend(_result(p, r) for p, r in zip(chunk, batch.responses, strict=True))
-        return results
+        chunks = [pushes[start : start + MAX_PER_CALL] for start in range(0, len(pushes), MAX_PER_CALL)]
+        # Chunks at once: the connection pool bounds what is in flight, and no chunk's tail waits
+        # for the one before it.
+        batches = await asyncio.gather(
+            *(messaging.send_each_async([_message(p) for p in chunk], app=self._app) for chunk in chunks)
+        )
+        return [
+            _result(push, response)
+            for chunk, batch in zip(chunks, batches, strict=True)
+            for push, response in zip(chunk, batch.responses, strict=True)
+        ]
 
     async def _fresh_credential(self) -> None:
         # google-auth refreshes the OAuth token with a blocking HTTP call inside the request;
-        # do it in a thread beforehand so the event loop never waits on it.
-        if not self._credential.valid:
-            await asyncio.to_thread(self._credential.refresh, GoogleAuthRequest())
+        # do it in a thread beforehand so the event loop never waits on it. One refresh at a
+        # time: the worker's passes run side by side (Worker.lanes).
+        if self._credential.valid:
+            return
+        async with self._refreshing:
+            if not self._credential.valid:
+                await asyncio.to_thread(self._credential.refresh, GoogleAuthRequest())
 
     async def close(self) -> None:
         await self._service._async_client.aclose()
         await self._transport.aclose()
         firebase_admin._apps.pop(self._app.name, None)
+
+
+class _RetrySettings(HttpxRetry):  # type: ignore[misc]  # firebase-admin ships no type hints
+    """firebase-admin's retry settings (same values, same logic). The retrying transport copies them
+    for each request with `copy.deepcopy`, about a tenth of a push's CPU; a shallow copy with its
+    own history list is all a request needs."""
+
+    @classmethod
+    def of(cls, settings: HttpxRetry) -> _RetrySettings:
+        twin = cls.__new__(cls)
+        twin.__dict__.update(copy.deepcopy(settings.__dict__))
+        return twin
+
+    def copy(self) -> _RetrySettings:
+        twin = object.__new__(_RetrySettings)
+        twin.__dict__.update(self.__dict__)
+        twin.history = list(self.history)
+        return twin
 
 
 class CurrentToken(httpx.Auth):
@@ -114,13 +158,16 @@ class CurrentToken(httpx.Auth):
             self._credential.token = None  # `valid` is False now: the next batch refreshes
 
 
+_ANDROID = messaging.AndroidConfig(priority="high")  # only read by the encoder: one for all
+
+
 def _message(push: Push) -> messaging.Message:
     # `fid`: firebase-admin 7.7 deprecates `token=` for the same registration token.
     return messaging.Message(
         fid=push.token,
         notification=messaging.Notification(title=push.title, body=push.body),
         data=push.data,
-        android=messaging.AndroidConfig(priority="high"),
+        android=_ANDROID,
     )
 
 

@@ -55,6 +55,7 @@ class Worker:
         lease: dt.timedelta,
         clock: Callable[[], dt.datetime] = utcnow,
         rng: Callable[[], float] = random.random,
+        lanes: int = 2,
     ) -> None:
         self.pool = pool
         self.sender = sender
@@ -63,6 +64,8 @@ class Worker:
         self.lease = lease
         self.clock = clock
         self.rng = rng
+        self.lanes = lanes
+        """Passes `run` keeps going at once (see there)."""
 
     async def run_once(self) -> Pass:
         """Claim one batch of due messages and deal with each of them."""
@@ -86,7 +89,7 @@ class Worker:
                 d for d in batch.devices.get(message.user_id, []) if (message.id, d.id) not in batch.done
             ]
             if decision == "skip" or not devices:
-                sent_before = any(n == message.id for n, _ in batch.done)
+                sent_before = message.id in batch.reached
                 state = "sent" if sent_before else "skipped"
                 settled.append(
                     outbox.Settled(message.id, state, error=None if sent_before else _why_skipped(decision))
@@ -170,32 +173,43 @@ class Worker:
 
     async def run(self, database_url: str, stop: asyncio.Event, poll_seconds: float) -> None:
         """Work until `stop` is set: pass after pass while messages are due, then wait for the
-        next commit that enqueues one (LISTEN) or `poll_seconds` (scheduled ones, retries)."""
-        wake = asyncio.Event()
+        next commit that enqueues one (LISTEN) or `poll_seconds` (scheduled ones, retries).
+
+        `lanes` passes run at once, each claiming its own batch as a separate worker would, so
+        one lane sends while another waits for PostgreSQL to claim or record. Two lanes are as
+        safe as two worker processes: a claim is `SKIP LOCKED` and moves its rows a lease ahead,
+        so no other lane can claim them before their pass records them."""
+        wakes = [asyncio.Event() for _ in range(self.lanes)]
+
+        def wake_all(*_: object) -> None:
+            for wake in wakes:
+                wake.set()
+
         listener = await asyncpg.connect(database_url)
-        await listener.add_listener(WAKE_CHANNEL, lambda *_: wake.set())
+        await listener.add_listener(WAKE_CHANNEL, wake_all)
         try:
-            while not stop.is_set():
-                wake.clear()
-                try:
-                    claimed = (await self.run_once()).claimed
-                except Exception:
-                    # The database or FCM went away mid-pass: what was claimed comes due again when
-                    # its lease ends. Keep the worker alive and try again after a pause.
-                    log.exception("notification pass failed; trying again")
-                    claimed = 0
-                if claimed:
-                    continue
-                stopping = asyncio.ensure_future(stop.wait())
-                woken = asyncio.ensure_future(wake.wait())
-                await asyncio.wait(
-                    {stopping, woken}, timeout=poll_seconds, return_when=asyncio.FIRST_COMPLETED
-                )
-                for waiter in (stopping, woken):
-                    waiter.cancel()
+            await asyncio.gather(*(self._lane(wake, stop, poll_seconds) for wake in wakes))
         finally:
             with contextlib.suppress(Exception):
                 await listener.close()
+
+    async def _lane(self, wake: asyncio.Event, stop: asyncio.Event, poll_seconds: float) -> None:
+        while not stop.is_set():
+            wake.clear()
+            try:
+                claimed = (await self.run_once()).claimed
+            except Exception:
+                # The database or FCM went away mid-pass: what was claimed comes due again when
+                # its lease ends. Keep the worker alive and try again after a pause.
+                log.exception("notification pass failed; trying again")
+                claimed = 0
+            if claimed:
+                continue
+            stopping = asyncio.ensure_future(stop.wait())
+            woken = asyncio.ensure_future(wake.wait())
+            await asyncio.wait({stopping, woken}, timeout=poll_seconds, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in (stopping, woken):
+                waiter.cancel()
 
 
 def _why_skipped(decision: str) -> str:

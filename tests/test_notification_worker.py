@@ -247,6 +247,93 @@ async def test_transient_failures_back_off_then_dead_letter_then_requeue(pool, d
     assert await state_of(db, notification_id) == ("sent", 1)
 
 
+async def test_a_retry_goes_only_to_the_devices_the_last_attempt_missed(pool, db, fcm_clean):
+    user_id = await insert_user(db)
+    good_token = await insert_device(db, user_id)
+    flaky_token = await insert_device(db, user_id, f"quota-{uuid.uuid4().hex}")
+    notification_id = await notify(db, user_id)
+    clock = [utcnow()]
+    async with worker_for(pool, fcm_clean, clock=lambda: clock[0]) as worker:
+        await worker.drain()
+        assert await state_of(db, notification_id) == ("pending", 1)
+        fixed_token = f"fine-{uuid.uuid4().hex}"
+        await db.execute("UPDATE devices SET token = $2 WHERE token = $1", flaky_token, fixed_token)
+        clock[0] += dt.timedelta(minutes=1)
+        await worker.drain()
+    assert await state_of(db, notification_id) == ("sent", 2)
+    assert data_ids(fcm_clean.sent_to(good_token)) == [str(notification_id)], "not sent to it again"
+    assert data_ids(fcm_clean.sent_to(fixed_token)) == [str(notification_id)]
+    deliveries = await db.fetch(
+        "SELECT attempt, outcome FROM push_deliveries WHERE notification_id = $1", notification_id
+    )
+    assert sorted((r["attempt"], r["outcome"]) for r in deliveries) == [
+        (1, "failed"),
+        (1, "sent"),
+        (2, "sent"),
+    ]
+
+
+async def test_a_retry_with_no_device_left_is_sent_when_an_earlier_attempt_reached_one(pool, db, fcm_clean):
+    user_id = await insert_user(db)
+    await insert_device(db, user_id)
+    await insert_device(db, user_id, f"quota-{uuid.uuid4().hex}")
+    reached, never = await notify(db, user_id), None
+    clock = [utcnow()]
+    async with worker_for(pool, fcm_clean, clock=lambda: clock[0]) as worker:
+        await worker.drain()
+        assert await state_of(db, reached) == ("pending", 1)
+        await db.execute("UPDATE devices SET active = false WHERE user_id = $1", user_id)  # signed out
+        never = await notify(db, user_id)
+        clock[0] += dt.timedelta(minutes=1)
+        await worker.drain()
+    assert await state_of(db, reached) == ("sent", 2)
+    assert await state_of(db, never) == ("skipped", 1)
+
+
+async def test_the_running_worker_keeps_passes_in_parallel_and_sends_each_message_once(
+    database_url, pool, db, fcm_clean
+):
+    users = [await insert_user(db) for _ in range(50)]
+    tokens = {u: await insert_device(db, u) for u in users}
+    async with worker_for(pool, fcm_clean, batch_size=20) as worker:
+        in_flight = most_in_flight = 0
+        one_pass = worker.run_once
+
+        async def counted_pass():  # type: ignore[no-untyped-def]
+            nonlocal in_flight, most_in_flight
+            in_flight += 1
+            most_in_flight = max(most_in_flight, in_flight)
+            try:
+                return await one_pass()
+            finally:
+                in_flight -= 1
+
+        worker.run_once = counted_pass  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(database_url, stop, poll_seconds=0.2))
+        async with db.transaction():
+            ids = [
+                await notifications.enqueue(db, users[i % 50], "payment_failed", {"invoice_id": uuid.uuid4()})
+                for i in range(400)
+            ]
+        for _ in range(600):
+            done = await db.fetchval(
+                "SELECT count(*) FROM notifications WHERE id = ANY($1) AND push_state = 'sent'", ids
+            )
+            if done == len(ids):
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await running
+    assert most_in_flight == worker.lanes == 2
+    ours = {str(i) for i in ids}
+    sent = Counter(i for i in data_ids(fcm_clean.snapshot()) if i in ours)
+    assert len(sent) == 400 and set(sent.values()) == {1}
+    assert {r.token for r in fcm_clean.snapshot() if r.message["data"]["notification_id"] in ours} == set(
+        tokens.values()
+    )
+
+
 async def test_an_fcm_outage_holds_messages_until_it_ends(pool, db, fcm_clean):
     """FCM answers 503 for a minute (on the worker's clock): nothing is dropped, all go out after."""
     users = [await insert_user(db) for _ in range(3)]
