@@ -32,7 +32,6 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import math
 import os
 import random
 import re
@@ -66,8 +65,6 @@ TARGET_P99_MS = 100.0
 FACILITY = "BVDK-DB"
 SERVICE = "TU-VAN-VIDEO"  # prepaid video consultation, 100,000 VND
 PATIENT_PREFIX = "0119"  # + 8 digits: no demo person has it
-OTHER_BENCHMARKS = r"bench/(booking|notifications|run|payments)\.py"  # and another run of this one
-PY_SPY = ROOT / ".venv" / "bin" / "py-spy"
 DISTURBED_CORES = 0.25  # CPU used by other processes during the run above which it is repeated
 PATHS = {
     "vnpay": "/v1/payments/callbacks/vnpay",
@@ -180,6 +177,15 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--client"]:
 
 import asyncpg  # noqa: E402
 import run as httpbench  # noqa: E402  (bench/run.py: the server, CPU accounting)
+from harness import (  # noqa: E402
+    PY_SPY,
+    Profiler,
+    code_version,
+    percentile,
+    postgres_database,
+    short_frame,
+    wait_for_other_benchmarks,
+)
 from run import BenchError, Server  # noqa: E402
 
 from api.payments import momo, vietqr, vnpay  # noqa: E402
@@ -473,7 +479,7 @@ class CpuMeter:
             elif pid == me or pid in self.exclude:
                 mine += ticks
             elif comm.startswith("postgres"):
-                database = _postgres_database(pid)
+                database = postgres_database(pid)
                 if database is None or database == self.database:
                     postgres += ticks
                 else:
@@ -488,19 +494,6 @@ class CpuMeter:
             "machine": httpbench.cpu_snapshot(-2)["machine"],
             **{f"other:{k}": v / hz for k, v in others.items()},
         }
-
-
-def _postgres_database(pid: int) -> str | None:
-    """The database of a PostgreSQL backend from its title (`postgres: 15/main: user db host state`);
-    None for the server's own processes (checkpointer, WAL writer, ...)."""
-    try:
-        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return None
-    words = title.split(":", 2)[-1].split()
-    if len(words) >= 3 and ("(" in words[2] or words[2] == "[local]"):
-        return words[1]
-    return None
 
 
 class WaitSampler:
@@ -572,44 +565,6 @@ class WaitSampler:
         return [(k, v / self.rounds) for k, v in self.samples.most_common()]
 
 
-class Profiler:
-    """py-spy on the server for the run (`--profile`); its raw output is summarised."""
-
-    def __init__(self, enabled: bool, pid: int, path: Path) -> None:
-        self.enabled, self.pid, self.path = enabled, pid, path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Profiler:
-        if self.enabled:
-            command = [
-                str(PY_SPY),
-                "record",
-                "-p",
-                str(self.pid),
-                "-d",
-                "600",
-                "-f",
-                "raw",
-                "-o",
-                str(self.path),
-            ]
-            self.log = self.path.with_suffix(".log").open("wb")
-            self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-            time.sleep(1.0)  # attached
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
 def profile_summary(path: Path, top: int) -> dict[str, Any]:
     """The server's busiest frames: own time (leaf) and time including callees, share of samples."""
     own: collections.Counter[str] = collections.Counter()
@@ -621,7 +576,7 @@ def profile_summary(path: Path, top: int) -> dict[str, Any]:
             if not stack or not count_text.isdigit():
                 continue
             count = int(count_text)
-            frames = [_short(re.sub(r":\d+\)$", ")", f.strip())) for f in stack.split(";") if "(" in f]
+            frames = [short_frame(re.sub(r":\d+\)$", ")", f.strip())) for f in stack.split(";") if "(" in f]
             if not frames:
                 continue
             samples += count
@@ -636,10 +591,6 @@ def profile_summary(path: Path, top: int) -> dict[str, Any]:
         "own": [(f, c / samples) for f, c in own.most_common(top)] if samples else [],
         "inclusive": [(f, c / samples) for f, c in inclusive[: top + 10]] if samples else [],
     }
-
-
-def _short(frame: str) -> str:
-    return re.sub(r"\(\S*?(site-packages/|/work/main/|python3\.\d+/)", "(", frame)
 
 
 # --------------------------------------------------------------------------- one round
@@ -829,11 +780,11 @@ def summarise(result: Round, callbacks: list[Callback], answers: ClientResult) -
     buckets = collections.Counter(int(e // 1e9) for e in ends)
     result.rate_per_second = [buckets.get(s, 0) for s in range(int(ends[-1] // 1e9) + 1)]
     latency = [v / 1e6 for v in answers.latency_ns]
-    result.p50_ms, result.p90_ms, result.p99_ms = (pct(latency, q) for q in (50, 90, 99))
+    result.p50_ms, result.p90_ms, result.p99_ms = (percentile(latency, q) for q in (50, 90, 99))
     result.max_ms = max(latency)
-    result.p99_first_ms = pct([latency[i] for i, c in enumerate(callbacks) if not c.duplicate], 99)
-    result.p99_duplicate_ms = pct([latency[i] for i, c in enumerate(callbacks) if c.duplicate], 99)
-    result.p99_racing_ms = pct([latency[i] for i, c in enumerate(callbacks) if c.racing], 99)
+    result.p99_first_ms = percentile([latency[i] for i, c in enumerate(callbacks) if not c.duplicate], 99)
+    result.p99_duplicate_ms = percentile([latency[i] for i, c in enumerate(callbacks) if c.duplicate], 99)
+    result.p99_racing_ms = percentile([latency[i] for i, c in enumerate(callbacks) if c.racing], 99)
     codes: list[str] = []
     for i, c in enumerate(callbacks):
         status = answers.statuses[i]
@@ -913,14 +864,6 @@ def scan_delta(
     return dict(sorted(delta.items(), key=lambda kv: (-kv[1]["seq_rows"], -kv[1]["seq_scans"])))
 
 
-def pct(values: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank); NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
 async def check_database(
     server: PaymentServer, orders: list[Order], callbacks: list[Callback]
 ) -> dict[str, Any]:
@@ -984,23 +927,6 @@ async def check_database(
 # --------------------------------------------------------------------------- coordination
 
 
-def wait_for_other_benchmarks(max_wait: float) -> None:
-    """Another benchmark on the same 2 cores would halve both results: wait until it has finished."""
-    deadline = time.monotonic() + max_wait
-    told = False
-    while True:
-        found = subprocess.run(["pgrep", "-f", OTHER_BENCHMARKS], capture_output=True, text=True)
-        pids = [p for p in found.stdout.split() if int(p) not in (os.getpid(), os.getppid())]
-        if not pids:
-            return
-        if time.monotonic() > deadline:
-            raise BenchError(f"other benchmarks still running after {max_wait:.0f}s: pid {', '.join(pids)}")
-        if not told:
-            print(f"waiting for other benchmarks to finish (pid {', '.join(pids)}) ...", flush=True)
-            told = True
-        time.sleep(5)
-
-
 def wait_quiet(args: argparse.Namespace) -> None:
     """Wait (up to --quiet-wait s) until the machine is nearly idle: the server idles meanwhile."""
     if not args.no_wait:
@@ -1019,24 +945,6 @@ def wait_quiet(args: argparse.Namespace) -> None:
         print(
             f"  warning: {busy:.2f} cores busy elsewhere before the run; the figures will be low", flush=True
         )
-
-
-def code_version() -> str:
-    """The application code measured: the commit, and a digest of uncommitted changes to it."""
-
-    def git(*command: str) -> str:
-        done = subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        return done.stdout if done.returncode == 0 else ""
-
-    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    paths = ("api", "notifications", "migrations")
-    changes = git("diff", "HEAD", "--", *paths)
-    for name in git("ls-files", "--others", "--exclude-standard", "--", *paths).split():
-        with contextlib.suppress(OSError):
-            changes += name + (ROOT / name).read_text(errors="replace")
-    if not changes:
-        return head
-    return f"{head} + uncommitted changes (digest {hashlib.sha256(changes.encode()).hexdigest()[:10]})"
 
 
 # --------------------------------------------------------------------------- report

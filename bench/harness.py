@@ -1,0 +1,123 @@
+"""What the booking and payments benchmarks share: percentiles, which database a PostgreSQL
+process serves, py-spy on the server, the code measured, and waiting for another benchmark.
+
+(bench/run.py holds the server, wrk and CPU accounting, which every benchmark uses.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from run import BenchError
+
+ROOT = Path(__file__).resolve().parent.parent
+PY_SPY = ROOT / ".venv" / "bin" / "py-spy"
+# Another benchmark on the same 2 cores would halve both results (and another run of the same one).
+BENCHMARKS = r"bench/(booking|notifications|run|payments)\.py"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank); NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def postgres_database(pid: int) -> str | None:
+    """The database of a PostgreSQL backend from its title (`postgres: 15/main: user db host state`);
+    None for the server's own processes (checkpointer, WAL writer, ...)."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    words = title.split(":", 2)[-1].split()
+    if len(words) >= 3 and ("(" in words[2] or words[2] == "[local]"):
+        return words[1]  # user, database, client address, state
+    return None
+
+
+class Profiler:
+    """py-spy on one process while the block runs (`--profile`), its raw output written to `path`."""
+
+    def __init__(self, enabled: bool, pid: int, path: Path) -> None:
+        self.enabled, self.pid, self.path = enabled, pid, path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Profiler:
+        if self.enabled:
+            command = [
+                str(PY_SPY),
+                "record",
+                "-p",
+                str(self.pid),
+                "-d",
+                "600",
+                "-f",
+                "raw",
+                "-o",
+                str(self.path),
+            ]
+            self.log = self.path.with_suffix(".log").open("wb")
+            self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+            time.sleep(1.0)  # attached
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def short_frame(frame: str) -> str:
+    """A py-spy frame without the long path prefixes."""
+    return re.sub(r"\(\S*?(site-packages/|/work/main/|python3\.\d+/)", "(", frame)
+
+
+def code_version() -> str:
+    """The application code measured: the commit, and a digest of uncommitted changes to it."""
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        return done.stdout if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    paths = ("api", "notifications", "migrations")
+    changes = git("diff", "HEAD", "--", *paths)
+    for name in git("ls-files", "--others", "--exclude-standard", "--", *paths).split():
+        with contextlib.suppress(OSError):
+            changes += name + (ROOT / name).read_text(errors="replace")
+    if not changes:
+        return head
+    return f"{head} + uncommitted changes (digest {hashlib.sha256(changes.encode()).hexdigest()[:10]})"
+
+
+def wait_for_other_benchmarks(max_wait: float) -> None:
+    """Wait until no other benchmark runs on this machine (at most `max_wait` seconds)."""
+    deadline = time.monotonic() + max_wait
+    told = False
+    while True:
+        found = subprocess.run(["pgrep", "-f", BENCHMARKS], capture_output=True, text=True)
+        pids = [p for p in found.stdout.split() if int(p) not in (os.getpid(), os.getppid())]
+        if not pids:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"other benchmarks still running after {max_wait:.0f}s: pid {', '.join(pids)}")
+        if not told:
+            print(f"waiting for other benchmarks to finish (pid {', '.join(pids)}) ...", flush=True)
+            told = True
+        time.sleep(5)
