@@ -27,11 +27,9 @@ import datetime as dt
 import importlib
 import json
 import os
-import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +41,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -51,6 +49,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 # This script is named like the package it measures: `notifications` must be the package.
 sys.path.insert(0, str(ROOT))
+
+from run import BenchError, children_cpu, free_port, with_database  # noqa: E402  (bench/run.py)
 
 VENV_BIN = ROOT / ".venv" / "bin"
 TELEHEALTH = VENV_BIN / "telehealth"
@@ -65,10 +65,6 @@ FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 KIND = "payment_failed"
 
 TARGET_RATE = 2000.0  # device messages per second, one worker process
-
-
-class BenchError(Exception):
-    pass
 
 
 @dataclass
@@ -119,18 +115,6 @@ class Round:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
 def http(method: str, url: str, timeout: float = 10) -> Any:
@@ -208,11 +192,6 @@ def machine_busy(seconds: float = 1.0) -> float:
     before = cpu_snapshot({})["machine"]
     time.sleep(seconds)
     return (cpu_snapshot({})["machine"] - before) / seconds
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def push_states(conn: asyncpg.Connection) -> dict[str, int]:
