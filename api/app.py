@@ -19,7 +19,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from api.access import authorize
+from api.booking.availability import AvailabilityCache
 from api.booking.routes import AppointmentController, AvailabilityController, WaitlistController
+from api.booking.schedule_cache import ScheduleCache
 from api.booking.staff_routes import StaffAppointmentController, StaffScheduleController
 from api.db import create_pool, provide_db
 from api.directory.admin_routes import FacilityAdminController
@@ -77,6 +79,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.db_pool = await create_pool(
             settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
         )
+        # Booking's per-process caches, checked against versions the database keeps.
+        app.state.availability = AvailabilityCache(app.state.db_pool)
+        app.state.booking_schedules = ScheduleCache(app.state.db_pool)
         # Calls to payment providers: one pooled client, short timeouts.
         app.state.http = httpx.AsyncClient(timeout=settings.outbound_timeout_seconds)
         try:

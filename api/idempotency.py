@@ -32,6 +32,11 @@ IdempotencyKey = Annotated[
 T = TypeVar("T", bound=msgspec.Struct)
 
 
+def request_digest(route: str, body: msgspec.Struct) -> bytes:
+    """What a key's first request is remembered by: the same key with another digest is a 422."""
+    return hashlib.sha256(route.encode() + b"\0" + msgspec.json.encode(body)).digest()
+
+
 async def idempotent(
     conn: asyncpg.Connection,
     user_id: uuid.UUID,
@@ -44,7 +49,7 @@ async def idempotent(
     """Run `create` once per (user, key); must be called inside the request's transaction."""
     if not key:
         raise ApiError("idempotency_key_required")
-    digest = hashlib.sha256(route.encode() + b"\0" + msgspec.json.encode(body)).digest()
+    digest = request_digest(route, body)
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{user_id}:{key}")
     seen = await conn.fetchrow(
         "SELECT request_hash, status_code, response FROM idempotency_keys WHERE user_id = $1 AND key = $2",

@@ -40,8 +40,8 @@ async def test_a_backend_killed_mid_booking_writes_nothing_and_the_retry_books_o
     patient = (await sessions_for_many(db, settings, 1))[0]
     start = clinic_at(clinic_today() + dt.timedelta(days=3), "08:00")
     headers = {**patient.headers, "Idempotency-Key": str(uuid.uuid4())}
-    # The booking numbers its patient last, after the appointment and its notifications are written:
-    # holding that counter's row keeps the request waiting there until its backend is killed.
+    # The booking (one statement, book_appointment) takes the day's queue number under the counter's
+    # row lock: holding that row keeps the request waiting there until its backend is killed.
     await db.execute(
         "INSERT INTO queue_counters (doctor_id, day, last_number) VALUES ($1, $2, 0)",
         clinic.doctor_id,
@@ -57,7 +57,7 @@ async def test_a_backend_killed_mid_booking_writes_nothing_and_the_retry_books_o
                 booking = asyncio.create_task(
                     http.post("/v1/appointments", json=clinic.booking(start), headers=headers)
                 )
-                killed = await blocked_backend(db, "queue_counters")
+                killed = await blocked_backend(db, "book_appointment")
                 assert await db.fetchval("SELECT pg_terminate_backend($1)", killed)
                 lost = await booking
             assert lost.status_code == 503, lost.text

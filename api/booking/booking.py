@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import NamedTuple
 
 import asyncpg
+import msgspec
 
 import notifications
 from api.booking import queries, states
 from api.booking.models import AppointmentCreate, AppointmentOut
+from api.booking.schedule_cache import ScheduleCache
 from api.booking.slots import Schedule, Slot, find_slot, is_open
 from api.clinic_time import clinic_time
+from api.db import FairPool
 from api.errors import ApiError
+from api.idempotency import request_digest
 from api.identity.cccd import matches, parse_cccd_qr
 from api.payments.refunds import refund_invoice
 from api.settings import Settings
+from notifications.templates import check_params
+
+_ENCODE = msgspec.json.Encoder()
 
 # Check-in opens an hour before the visit and closes when its slot ends: earlier, a patient
 # could check in days ahead and could then never be marked a no-show.
@@ -84,17 +92,18 @@ async def take_place(
 ) -> asyncpg.Record:
     """Insert the appointment in the first free place of the slot; 409 `slot_taken` when none is.
 
-    A hold that ran out but is still marked `held` is expired first, so it never blocks anyone.
+    Under the doctor's day lock; a hold that ran out but is still marked `held` is expired first,
+    so it never blocks anyone; booked in person, it gets the day's next queue number.
     """
-    await queries.lock_doctor_days(conn, schedule.doctor_id, [clinic_time(slot.start).date()])
-    await queries.expire_holds(
-        conn, doctor_id=schedule.doctor_id, patient_id=patient_id, start=slot.start, end=slot.end
-    )
-    for seat in range(1, schedule.capacity + 1):
-        row = await queries.insert_appointment(conn, values, seat)
-        if row is not None:
-            return row
-    raise ApiError("slot_taken")
+    try:
+        row = await queries.take_place(conn, values, schedule.capacity)
+    except asyncpg.RaiseError as error:
+        if error.args and error.args[0] == "slot_taken":
+            raise ApiError("slot_taken") from None
+        raise
+    if row is None:
+        raise ApiError("slot_taken")
+    return row
 
 
 async def check_patient_limits(
@@ -107,79 +116,176 @@ async def check_patient_limits(
 ) -> None:
     """One patient, one place at a time, and a bounded number of upcoming visits per facility.
 
-    The patient's row is locked first, so two of their bookings cannot both pass the count.
+    The patient's bookings are locked first, so two of them cannot both pass the count.
     """
-    await queries.lock_patient(conn, patient_id)
-    if await queries.patient_busy(conn, patient_id, slot.start, slot.end, exclude=moving):
-        raise ApiError("overlapping_appointment")
-    if (
-        await queries.future_count_at(conn, patient_id, facility_id, exclude=moving)
-        >= settings.booking_max_per_facility
-    ):
-        raise ApiError("too_many_appointments")
+    refusal = await queries.patient_refusal(
+        conn, patient_id, facility_id, slot.start, slot.end, settings.booking_max_per_facility, moving
+    )
+    if refusal is not None:
+        raise ApiError(refusal)
+
+
+class Booked(NamedTuple):
+    status_code: int
+    appointment: AppointmentOut
+    replayed: bool
+    """The answer kept for the Idempotency-Key, given again."""
+
+
+ROUTE = "createAppointment"
 
 
 async def book(
-    conn: asyncpg.Connection,
+    pool: FairPool,
+    schedule_cache: ScheduleCache,
     settings: Settings,
     user_id: uuid.UUID,
     data: AppointmentCreate,
+    key: str | None,
     now: dt.datetime,
-) -> AppointmentOut:
+) -> Booked:
+    """POST /v1/appointments: one statement, `book_appointment` (migration 0006), outside any
+    transaction, so one round trip and no lock held while Python runs.
+
+    The slot is found in this process's copy of the doctor's schedules; the statement refuses
+    with `stale` if they changed since, and they are read again. Everything else is decided
+    there, in the order the rules are listed in book_appointment; nothing is written unless the
+    appointment is made.
+    """
+    if not key:
+        raise ApiError("idempotency_key_required")
+    digest = request_digest(ROUTE, data)
     patient_id = data.patient_id or user_id
-    if not await queries.cares_for(conn, user_id, patient_id):
-        raise ApiError("not_found")  # someone else's patient is indistinguishable from nobody
-    schedule, slot = await find_bookable(conn, data.doctor_id, data.service_id, data.mode, data.start, now)
-    # The morning slots open, most requests are for slots already gone: say so before taking
-    # any lock (the constraint still decides the close calls).
-    if await queries.places_left(conn, schedule.doctor_id, slot.start, slot.end, schedule.capacity) <= 0:
-        raise ApiError("slot_taken")
-    await check_patient_limits(conn, settings, patient_id, schedule.facility_id, slot)
-    terms = await queries.service_terms(conn, schedule.service_id)
-    assert terms is not None
-    held = bool(terms["prepayment_required"])
-    invoice_id = (
-        await queries.insert_invoice(conn, patient_id, schedule.facility_id, schedule.service_id)
-        if held
-        else None
-    )
-    row = await take_place(
-        conn,
-        schedule,
-        slot,
-        patient_id,
-        {
-            "patient_id": patient_id,
-            "booked_by": user_id,
-            "facility_id": schedule.facility_id,
-            "doctor_id": schedule.doctor_id,
-            "service_id": schedule.service_id,
-            "schedule_id": schedule.id,
-            "starts_at": slot.start,
-            "ends_at": slot.end,
-            "mode": data.mode,
-            "status": "held" if held else "booked",
-            "hold_expires_at": now + dt.timedelta(minutes=settings.booking_hold_minutes) if held else None,
-            "invoice_id": invoice_id,
-            "reason": data.reason,
-        },
-    )
-    if held:
-        await _tell(
-            conn,
-            row,
+    fresh = False
+    for _ in range(5):
+        schedules = await schedule_cache.get(data.doctor_id, data.service_id, fresh=fresh)
+        found = schedules.find(data.mode, data.start, now)
+        if isinstance(found, str):
+            if not fresh:
+                fresh = True  # maybe a schedule added a moment ago: check with the database
+                continue
+            return await _refused(pool, user_id, patient_id, key, digest, found)
+        schedule, slot = found
+        held = schedules.prepaid
+        appointment = AppointmentOut(
+            id=uuid.uuid4(),
+            status="held" if held else "booked",
+            patient_id=patient_id,
+            facility_id=schedule.facility_id,
+            doctor_id=schedule.doctor_id,
+            service_id=schedule.service_id,
+            start=slot.start,
+            end=slot.end,
+            mode=data.mode,
+            hold_expires_at=clinic_time(now + dt.timedelta(minutes=settings.booking_hold_minutes))
+            if held
+            else None,
+            invoice_id=uuid.uuid4() if held else None,
+            reason=data.reason,
+        )
+        notes = _notes_for_new(appointment, user_id, now)
+        async with pool.acquire() as conn:
+            try:
+                row = await queries.book_appointment(
+                    conn,
+                    user_id,
+                    key,
+                    ROUTE,
+                    digest,
+                    _ENCODE.encode(appointment).decode(),
+                    appointment.id,
+                    patient_id,
+                    schedule.facility_id,
+                    schedule.doctor_id,
+                    schedule.service_id,
+                    schedule.id,
+                    slot.start,
+                    slot.end,
+                    data.mode,
+                    schedule.capacity,
+                    held,
+                    appointment.hold_expires_at,
+                    appointment.invoice_id,
+                    data.reason,
+                    schedules.version,
+                    settings.booking_max_per_facility,
+                    [n[0] for n in notes],
+                    [n[1] for n in notes],
+                    [n[2] for n in notes],
+                    [n[3] for n in notes],
+                    [n[4] for n in notes],
+                )
+            except asyncpg.RaiseError as error:
+                if error.args and error.args[0] == "slot_taken":
+                    raise ApiError("slot_taken") from None
+                raise
+        outcome = row["outcome"]
+        if outcome == "booked":
+            appointment.queue_number = row["number"]
+            return Booked(201, appointment, replayed=False)
+        if outcome == "replay":
+            replay = msgspec.json.decode(row["replay_body"], type=AppointmentOut)
+            return Booked(row["replay_status"], replay, replayed=True)
+        if outcome != "stale":
+            raise ApiError(outcome)
+        fresh = True
+    raise RuntimeError("the doctor's schedules kept changing while booking")
+
+
+async def _refused(
+    pool: FairPool, user_id: uuid.UUID, patient_id: uuid.UUID, key: str, digest: bytes, refusal: str
+) -> Booked:
+    """The slot asked for is not one (or not open): as before any other check, a key used before
+    is answered first, then someone else's patient is not found."""
+    async with pool.acquire() as conn:
+        seen = await queries.idempotency_record(conn, user_id, key)
+        if seen is not None:
+            if bytes(seen["request_hash"]) != digest:
+                raise ApiError("idempotency_key_reused")
+            replay = msgspec.json.decode(seen["response"], type=AppointmentOut)
+            return Booked(seen["status_code"], replay, replayed=True)
+        if not await queries.cares_for(conn, user_id, patient_id):
+            raise ApiError("not_found")
+    raise ApiError(refusal)
+
+
+def _notes_for_new(
+    appointment: AppointmentOut, booked_by: uuid.UUID, now: dt.datetime
+) -> list[tuple[uuid.UUID, str, str, str | None, dt.datetime | None]]:
+    """The notifications `confirm` (booked) or `book` (held) enqueue for a new appointment, as
+    (user, kind, params, dedupe key, not before): book_appointment inserts them."""
+    notes: list[tuple[uuid.UUID, str, str, str | None, dt.datetime | None]] = []
+    start = appointment.start.astimezone(dt.UTC)  # as the row reads back from PostgreSQL
+
+    def tell(kind: str, params: dict[str, object], not_before: dt.datetime | None = None) -> None:
+        encoded = _ENCODE.encode(check_params(kind, params)).decode()
+        for recipient in dict.fromkeys((booked_by, appointment.patient_id)):
+            dedupe = (
+                f"{_subject(appointment.id)}:{kind}:{recipient}" if kind in ONCE_PER_APPOINTMENT else None
+            )
+            notes.append((recipient, kind, encoded, dedupe, not_before))
+
+    if appointment.status == "held":
+        assert appointment.hold_expires_at is not None
+        expires = appointment.hold_expires_at.astimezone(dt.UTC)
+        tell(
             "appointment_hold_expiring",
-            not_before=row["hold_expires_at"] - dt.timedelta(minutes=3),
+            {"appointment_id": appointment.id, "expires_at": expires},
+            not_before=expires - dt.timedelta(minutes=3),
         )
     else:
-        row = await confirm(conn, row, now)
-    return appointment_out(row, now)
+        tell("appointment_booked", {"appointment_id": appointment.id, "start": start})
+        for kind, before in REMINDERS:
+            if start - before > now:
+                tell(kind, {"appointment_id": appointment.id, "start": start}, not_before=start - before)
+    return notes
 
 
 async def confirm(conn: asyncpg.Connection, row: asyncpg.Record, now: dt.datetime) -> asyncpg.Record:
     """A booked appointment gets its queue number (in person) and its notifications.
 
-    Used when booking without prepayment and, by payments, when a hold is paid.
+    Used by payments when a hold is paid, by the waitlist when an offer is accepted, and when a
+    late payment takes its slot again (`retake`; `take_place` has numbered that one already).
     """
     if row["status"] != "booked":
         moved = await queries.set_status(conn, row["id"], "booked", states.sources("booked"))
@@ -187,7 +293,7 @@ async def confirm(conn: asyncpg.Connection, row: asyncpg.Record, now: dt.datetim
             raise ApiError("invalid_transition")
         row = moved
         await notifications.cancel_pending(conn, _subject(row["id"]), ["appointment_hold_expiring"])
-    if row["mode"] == "in_person":
+    if row["mode"] == "in_person" and row["queue_number"] is None:
         await queries.give_queue_number(
             conn, row["id"], row["doctor_id"], clinic_time(row["starts_at"]).date()
         )

@@ -175,7 +175,8 @@ async def bookable_schedules(
                AND ($1::uuid IS NULL OR s.doctor_id = $1)
                AND ($2::uuid IS NULL OR s.facility_id = $2)
                AND ($3::uuid IS NULL OR s.service_id = $3)
-               AND s.valid_from <= $5 AND (s.valid_until IS NULL OR s.valid_until >= $4)""",
+               AND s.valid_from <= $5 AND (s.valid_until IS NULL OR s.valid_until >= $4)
+             ORDER BY s.created_at, s.id""",
         doctor_id,
         facility_id,
         service_id,
@@ -198,12 +199,15 @@ async def bookable_schedules(
     return schedules, exceptions
 
 
-async def occupancy(
+async def occupancy_epochs(
     conn: asyncpg.Connection, doctor_ids: Sequence[uuid.UUID], start: dt.datetime, end: dt.datetime
 ) -> list[asyncpg.Record]:
-    """Appointments that hold a slot of these doctors in [start, end); a hold counts until it expires."""
+    """Appointments that hold a place of these doctors in [start, end) (a hold counts until it
+    expires), for the availability: (doctor_id, start, end, a hold's expiry) in epoch seconds."""
     rows: list[asyncpg.Record] = await conn.fetch(
-        """SELECT doctor_id, starts_at, ends_at FROM appointments
+        """SELECT doctor_id, date_part('epoch', starts_at), date_part('epoch', ends_at),
+                  CASE WHEN status = 'held' THEN date_part('epoch', hold_expires_at) END
+             FROM appointments
             WHERE doctor_id = ANY($1) AND tstzrange(starts_at, ends_at) && tstzrange($2, $3)
               AND status IN ('held', 'booked', 'checked_in', 'completed')
               AND (status <> 'held' OR hold_expires_at > now())
@@ -229,45 +233,27 @@ async def cares_for(conn: asyncpg.Connection, user_id: uuid.UUID, patient_id: uu
     )
 
 
-async def lock_patient(conn: asyncpg.Connection, patient_id: uuid.UUID) -> None:
-    """Serialise one patient's bookings, so their limits are counted without a race."""
-    await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", patient_id)
-
-
-async def future_count_at(
-    conn: asyncpg.Connection, patient_id: uuid.UUID, facility_id: uuid.UUID, exclude: uuid.UUID | None = None
-) -> int:
-    count: int = await conn.fetchval(
-        """SELECT count(*) FROM appointments
-            WHERE patient_id = $1 AND facility_id = $2 AND starts_at > now() AND id IS DISTINCT FROM $3
-              AND (status IN ('booked', 'checked_in') OR (status = 'held' AND hold_expires_at > now()))""",
-        patient_id,
-        facility_id,
-        exclude,
-    )
-    return count
-
-
-async def patient_busy(
+async def patient_refusal(
     conn: asyncpg.Connection,
     patient_id: uuid.UUID,
+    facility_id: uuid.UUID,
     start: dt.datetime,
     end: dt.datetime,
-    exclude: uuid.UUID | None = None,
-) -> bool:
-    return bool(
-        await conn.fetchval(
-            """SELECT 1 FROM appointments
-                WHERE patient_id = $1 AND tstzrange(starts_at, ends_at) && tstzrange($2, $3)
-                  AND id IS DISTINCT FROM $4 AND status IN ('held', 'booked', 'checked_in')
-                  AND (status <> 'held' OR hold_expires_at > now())
-                LIMIT 1""",
-            patient_id,
-            start,
-            end,
-            exclude,
-        )
+    max_per_facility: int,
+    moving: uuid.UUID | None = None,
+) -> str | None:
+    """Locks the patient's bookings until the transaction ends, then: None, or
+    `overlapping_appointment` / `too_many_appointments` (booking_patient_refusal, migration 0006)."""
+    refusal: str | None = await conn.fetchval(
+        "SELECT booking_patient_refusal($1, $2, $3, $4, $5, $6)",
+        patient_id,
+        facility_id,
+        start,
+        end,
+        moving,
+        max_per_facility,
     )
+    return refusal
 
 
 async def expire_holds(
@@ -286,29 +272,12 @@ async def expire_holds(
     housekeeping job for all of them. SKIP LOCKED: a hold being paid right now is left to its payer.
     """
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"""WITH stale AS (
-                SELECT id FROM appointments
-                 WHERE status = 'held' AND hold_expires_at <= now()
-                   AND ($1::uuid IS NULL OR doctor_id = $1 OR patient_id = $5)
-                   AND ($2::timestamptz IS NULL OR tstzrange(starts_at, ends_at) && tstzrange($2, $3))
-                 ORDER BY hold_expires_at LIMIT $4
-                 FOR UPDATE SKIP LOCKED),
-            expired AS (
-                UPDATE appointments a SET status = 'expired', updated_at = now()
-                  FROM stale WHERE a.id = stale.id
-                RETURNING {APPOINTMENT}),
-            voided AS (
-                UPDATE invoices SET status = 'void', updated_at = now()
-                 WHERE id IN (SELECT invoice_id FROM expired) AND status = 'pending'),
-            lapsed AS (
-                UPDATE waitlist_entries SET status = 'lapsed', updated_at = now()
-                 WHERE status = 'offered' AND offer_appointment_id IN (SELECT id FROM expired))
-            SELECT * FROM expired a""",
+        f"SELECT {APPOINTMENT} FROM booking_expire_holds($1, $2, $3, $4, $5) a",
         doctor_id,
+        patient_id,
         start,
         end,
         limit,
-        patient_id,
     )
     return rows
 
@@ -321,25 +290,7 @@ async def lock_doctor_days(conn: asyncpg.Connection, doctor_id: uuid.UUID, days:
     a 500 after a second. Taking these locks in date order first makes them wait in line.
     """
     for day in sorted(set(days)):
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"slots:{doctor_id}:{day}"
-        )
-
-
-async def places_left(
-    conn: asyncpg.Connection, doctor_id: uuid.UUID, start: dt.datetime, end: dt.datetime, capacity: int
-) -> int:
-    """Places of a slot not held by anyone right now (a quick answer; the constraint decides)."""
-    taken: int = await conn.fetchval(
-        """SELECT count(*) FROM appointments
-            WHERE doctor_id = $1 AND tstzrange(starts_at, ends_at) && tstzrange($2, $3)
-              AND status IN ('held', 'booked', 'checked_in', 'completed')
-              AND (status <> 'held' OR hold_expires_at > now())""",
-        doctor_id,
-        start,
-        end,
-    )
-    return capacity - taken
+        await conn.execute("SELECT booking_lock_day($1, $2)", doctor_id, day)
 
 
 async def end_offer(conn: asyncpg.Connection, appointment_id: uuid.UUID) -> None:
@@ -372,18 +323,16 @@ async def service_terms(conn: asyncpg.Connection, service_id: uuid.UUID) -> asyn
     return row
 
 
-async def insert_appointment(
-    conn: asyncpg.Connection, values: dict[str, Any], seat: int
+async def take_place(
+    conn: asyncpg.Connection, values: dict[str, Any], capacity: int
 ) -> asyncpg.Record | None:
-    """The new appointment in `seat`, or None when that place is taken (the exclusion constraint
-    is the arbiter: no check-then-insert race)."""
+    """The new appointment in the first free place of its slot (booking_take_place, migration
+    0006), numbered in the doctor's day queue when booked in person; None when every place is
+    held. Raises asyncpg.RaiseError `slot_taken` when that is found out only after writing."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        f"""INSERT INTO appointments AS a
-                (patient_id, booked_by, facility_id, doctor_id, service_id, schedule_id, starts_at, ends_at,
-                 mode, status, seat, hold_expires_at, invoice_id, reason)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-            ON CONFLICT DO NOTHING
-            RETURNING {APPOINTMENT}""",
+        f"""SELECT {APPOINTMENT}
+              FROM booking_take_place($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) a""",
+        values.get("id"),
         values["patient_id"],
         values["booked_by"],
         values["facility_id"],
@@ -394,12 +343,56 @@ async def insert_appointment(
         values["ends_at"],
         values["mode"],
         values["status"],
-        seat,
         values["hold_expires_at"],
         values["invoice_id"],
         values["reason"],
+        capacity,
+    )
+    return row if row is not None and row["id"] is not None else None
+
+
+async def book_appointment(conn: asyncpg.Connection, *args: Any) -> asyncpg.Record:
+    """book_appointment (migration 0006): a whole POST /v1/appointments in one statement."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """SELECT outcome, replay_status, replay_body, number
+             FROM book_appointment($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                                   $18, $19, $20, $21, $22, $23, $24, $25, $26)""",
+        *args,
+    )
+    assert row is not None
+    return row
+
+
+async def idempotency_record(conn: asyncpg.Connection, user_id: uuid.UUID, key: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT request_hash, status_code, response FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+        user_id,
+        key,
     )
     return row
+
+
+async def doctor_schedules(
+    conn: asyncpg.Connection, doctor_id: uuid.UUID, service_id: uuid.UUID, from_day: dt.date
+) -> tuple[int, bool, list[Schedule], dict[uuid.UUID, list[ScheduleException]]]:
+    """The doctor's schedules version and whether the service is prepaid, then the doctor's active
+    schedules for the service (with their exceptions from `from_day` on), read after them."""
+    row = await conn.fetchrow(
+        """SELECT coalesce((SELECT version FROM slot_versions WHERE doctor_id = $1 AND day = '-infinity'), 0),
+                  coalesce((SELECT prepayment_required FROM services WHERE id = $2), false)""",
+        doctor_id,
+        service_id,
+    )
+    assert row is not None
+    schedules, exceptions = await bookable_schedules(
+        conn,
+        doctor_id=doctor_id,
+        facility_id=None,
+        service_id=service_id,
+        date_from=from_day,
+        date_to=dt.date.max,
+    )
+    return row[0], row[1], schedules, exceptions
 
 
 async def give_queue_number(

@@ -7,13 +7,13 @@ import uuid
 from typing import Annotated, Literal
 
 import asyncpg
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, MediaType, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from api.booking import booking, queries, waitlist
-from api.booking.availability import free_slots
+from api.booking.availability import AvailabilityCache, Query
 from api.booking.models import (
     AppointmentCreate,
     AppointmentOut,
@@ -62,25 +62,19 @@ class AvailabilityController(Controller):
     )
     async def availability(
         self,
-        db: NamedDependency[asyncpg.Connection],
+        state: State,
         date_from: Annotated[dt.date, QueryParameter(name="date_from")],
         date_to: Annotated[dt.date, QueryParameter(name="date_to")],
         doctor_id: Annotated[uuid.UUID | None, QueryParameter(name="doctor_id")] = None,
         facility_id: Annotated[uuid.UUID | None, QueryParameter(name="facility_id")] = None,
         service_id: Annotated[uuid.UUID | None, QueryParameter(name="service_id")] = None,
         mode: Annotated[Mode | None, QueryParameter(name="mode")] = None,
-    ) -> Availability:
-        slots = await free_slots(
-            db,
-            doctor_id=doctor_id,
-            facility_id=facility_id,
-            service_id=service_id,
-            date_from=date_from,
-            date_to=date_to,
-            mode=mode,
-            now=utcnow(),
-        )
-        return Availability(slots=slots)
+    ) -> Response[Availability]:
+        # The body comes encoded from the per-process cache (api/booking/availability.py), checked
+        # against the database's versions first: never older than the request.
+        cache: AvailabilityCache = state.availability
+        body = await cache.answer(Query(doctor_id, facility_id, service_id, date_from, date_to, mode))
+        return Response(body, media_type=MediaType.JSON)  # type: ignore[arg-type]
 
 
 class AppointmentController(Controller):
@@ -112,19 +106,26 @@ class AppointmentController(Controller):
         self,
         request: SignedInRequest,
         state: State,
-        db: NamedDependency[asyncpg.Connection],
         data: JSONBody[AppointmentCreate],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[AppointmentOut]:
+        # No `db` here: the booking is one statement (booking.book), on a connection taken for it.
         await state.rate_limiter.hit(
             "booking", str(request.user.id), limit=state.settings.booking_rate_per_minute
         )
-
-        async def create() -> tuple[int, AppointmentOut]:
-            return 201, await booking.book(db, state.settings, request.user.id, data, utcnow())
-
-        return await idempotent(
-            db, request.user.id, idempotency_key, "createAppointment", data, AppointmentOut, create
+        booked = await booking.book(
+            state.db_pool,
+            state.booking_schedules,
+            state.settings,
+            request.user.id,
+            data,
+            idempotency_key,
+            utcnow(),
+        )
+        return Response(
+            booked.appointment,
+            status_code=booked.status_code,
+            headers={"Idempotent-Replayed": "true"} if booked.replayed else None,
         )
 
     @get(

@@ -108,10 +108,29 @@ def last_open_day(schedule: Schedule, now: dt.datetime) -> dt.date:
 
 
 def find_slot(schedule: Schedule, exceptions: Sequence[ScheduleException], start: dt.datetime) -> Slot | None:
-    """The schedule's slot beginning exactly at `start`, if there is one."""
+    """The schedule's slot beginning exactly at `start`, if there is one: the one `slots` would
+    list for that day, found without listing the day."""
     start = clinic_time(start)  # same zone as the slots: a cheaper comparison
     day = start.date()
-    return next((s for s in slots(schedule, exceptions, day, day) if s.start == start), None)
+    if day < schedule.valid_from or (schedule.valid_until is not None and day > schedule.valid_until):
+        return None
+    length = dt.timedelta(minutes=schedule.duration_minutes)
+    step = length + dt.timedelta(minutes=schedule.buffer_minutes)
+    end = start + length
+    for window in schedule.weekly:
+        if window.weekday != day.isoweekday():
+            continue
+        offset = start - dt.datetime.combine(day, window.start, tzinfo=CLINIC_TZ)
+        if (
+            offset >= dt.timedelta()
+            and not offset % step
+            and end <= dt.datetime.combine(day, window.end, tzinfo=CLINIC_TZ)
+        ):
+            closed = [e for e in exceptions if e.day == day]
+            if any(e.start is None for e in closed) or any(_overlaps(day, e, start, end) for e in closed):
+                return None
+            return Slot(start, end)
+    return None
 
 
 def is_open(schedule: Schedule, slot: Slot, now: dt.datetime) -> bool:
