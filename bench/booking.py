@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,17 @@ if str(BENCH) not in sys.path:
 import asyncpg  # noqa: E402
 import msgspec  # noqa: E402
 import run as httpbench  # noqa: E402  (bench/run.py: the server, wrk, CPU accounting)
+from harness import (  # noqa: E402
+    PY_SPY,
+    Profiler,
+    code_version,
+    percentile,
+    postgres_database,
+    profile_summary,
+    wait_for_other_benchmarks,
+)
 from run import BenchError, Endpoint, Server, cpu_snapshot, create_database, drop_database, http  # noqa: E402
 
-PY_SPY = ROOT / ".venv" / "bin" / "py-spy"
 HOST = httpbench.HOST
 CLINIC_TZ = dt.timezone(dt.timedelta(hours=7), "Asia/Ho_Chi_Minh")  # no daylight saving
 ADMIN = "011078000201"  # the demo admin of BVDK-DB (api/demo/dien_bien.py STAFF)
@@ -175,14 +184,6 @@ encode = msgspec.json.encode
 # --------------------------------------------------------------------------- figures
 
 
-def pct(values: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) in milliseconds of values in seconds; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))] * 1000
-
-
 class CpuMeter:
     """Cores used during a phase: the server, PostgreSQL, this process (the clients), the rest.
 
@@ -206,7 +207,7 @@ class CpuMeter:
             if pgid == self.pgid:
                 server += ticks
             elif comm.startswith("postgres"):
-                database = _postgres_database(pid)
+                database = postgres_database(pid)
                 if database is None or database in self.databases:
                     postgres += ticks
                 else:
@@ -261,19 +262,6 @@ class CpuMeter:
             "cpu_other_processes": round(self.other_processes, 2),
             "cpu_other_top": self.other_top,
         }
-
-
-def _postgres_database(pid: int) -> str | None:
-    """The database of a PostgreSQL backend from its title (`postgres: 15/main: user db host state`);
-    None for the server's own processes (checkpointer, WAL writer, ...)."""
-    try:
-        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return None
-    words = title.split(":", 2)[-1].split()
-    if len(words) >= 3 and ("(" in words[2] or words[2] == "[local]"):
-        return words[1]  # user, database, client address, state
-    return None
 
 
 def _irq_ticks() -> int:
@@ -766,9 +754,15 @@ async def storm(
     result.refreshes = len(refresh_latency)
     result.fill_s = (success_at[args.slots - 1] - first) if len(success_at) >= args.slots else math.nan
     result.total_s = last - first
-    result.post_p50_ms, result.post_p99_ms = pct(post_latency, 50), pct(post_latency, 99)
-    result.post_max_ms = pct(post_latency, 100)
-    result.refresh_p50_ms, result.refresh_p99_ms = pct(refresh_latency, 50), pct(refresh_latency, 99)
+    result.post_p50_ms, result.post_p99_ms = (
+        1000 * percentile(post_latency, 50),
+        1000 * percentile(post_latency, 99),
+    )
+    result.post_max_ms = 1000 * percentile(post_latency, 100)
+    result.refresh_p50_ms, result.refresh_p99_ms = (
+        1000 * percentile(refresh_latency, 50),
+        1000 * percentile(refresh_latency, 99),
+    )
     result.statuses = dict(sorted(statuses.items()))
     result.cpu = cpu.summary()
     print(
@@ -896,7 +890,7 @@ async def sustained(
         if status == 201:
             result.per_second[min(len(result.per_second) - 1, int(finished - measure_from))] += 1
     latencies = [r[1] for r in measured]
-    result.p50_ms, result.p99_ms = pct(latencies, 50), pct(latencies, 99)
+    result.p50_ms, result.p99_ms = 1000 * percentile(latencies, 50), 1000 * percentile(latencies, 99)
     result.statuses = dict(collections.Counter(str(r[2]) for r in records))
     result.cpu = cpu.summary()
     return result
@@ -993,91 +987,24 @@ def run_pgbench(args: argparse.Namespace, server: Server, workdir: Path) -> Pgbe
 # --------------------------------------------------------------------------- profiling
 
 
-class Profiler:
-    """py-spy on the server's process for one phase (`--profile`); its raw output is summarised."""
-
-    def __init__(self, args: argparse.Namespace, server: Server, workdir: Path, phase: str) -> None:
-        self.enabled = args.profile
-        self.path = workdir / f"py-spy-{phase}.txt"
-        self.phase = phase
-        self.pid = server.proc.pid if server.proc else 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Profiler:
-        if self.enabled:
-            command = [
-                str(PY_SPY),
-                "record",
-                "-p",
-                str(self.pid),
-                "-d",
-                "600",
-                "-f",
-                "raw",
-                "-o",
-                str(self.path),
-            ]
-            self.log = self.path.with_suffix(".log").open("wb")
-            self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-            time.sleep(1.0)  # attached
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        if exc[0] is None:
-            print_profile(self.path, self.phase)
-
-
-def print_profile(path: Path, phase: str, top: int = 15) -> None:
-    """The server's busiest frames: own time (leaf) and time including callees, % of samples."""
-    own: collections.Counter[str] = collections.Counter()
-    total: collections.Counter[str] = collections.Counter()
-    samples = 0
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        print(f"  (no profile at {path})")
-        return
-    for line in lines:
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [re.sub(r":\d+\)$", ")", f.strip()) for f in stack.split(";") if "(" in f]
-        if not frames:
-            continue
-        samples += count
-        own[frames[-1]] += count
-        for frame in set(frames):
-            total[frame] += count
-    print(f"\nProfile of the server during {phase} ({samples} samples, {path}):")
-    print("  own time:")
-    for frame, count in own.most_common(top):
-        print(f"    {count / samples:6.1%}  {_short(frame)}")
-    print("  including callees (app and library frames):")
-    shown = 0
-    for frame, count in total.most_common():
-        if any(skip in frame for skip in ("asyncio/", "uvicorn/", "<module>", "run (", "main (", "serve (")):
-            continue
-        print(f"    {count / samples:6.1%}  {_short(frame)}")
-        shown += 1
-        if shown >= top + 10:
-            break
-
-
-def _short(frame: str) -> str:
-    return re.sub(r"\(\S*?(site-packages/|/work/main/)", "(", frame)
-
-
 # --------------------------------------------------------------------------- report
+
+
+@contextlib.contextmanager
+def profiled(args: argparse.Namespace, server: Server, workdir: Path, phase: str) -> Iterator[None]:
+    """py-spy on the server during one phase (`--profile`); its busiest frames are printed after."""
+    path = workdir / f"py-spy-{phase}.txt"
+    with Profiler(args.profile, server.proc.pid if server.proc else 0, path):
+        yield
+    if args.profile:
+        summary = profile_summary(path, 15)
+        print(f"\nProfile of the server during {phase} ({summary['samples']} samples, {path}):")
+        print("  own time:")
+        for frame, share in summary["own"]:
+            print(f"    {share:6.1%}  {frame}")
+        print("  including callees (app and library frames):")
+        for frame, share in summary["inclusive"]:
+            print(f"    {share:6.1%}  {frame}")
 
 
 def print_report(
@@ -1202,46 +1129,6 @@ def print_report(
 # --------------------------------------------------------------------------- main
 
 
-def code_version() -> str:
-    """The application code measured: the commit, and a digest of uncommitted changes to it."""
-    import hashlib
-
-    def git(*command: str) -> str:
-        done = subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        return done.stdout if done.returncode == 0 else ""
-
-    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
-    paths = ("api", "notifications", "migrations")
-    changes = git("diff", "HEAD", "--", *paths)
-    for name in git("ls-files", "--others", "--exclude-standard", "--", *paths).split():
-        with contextlib.suppress(OSError):
-            changes += name + (ROOT / name).read_text(errors="replace")
-    if not changes:
-        return head
-    return f"{head} + uncommitted changes (digest {hashlib.sha256(changes.encode()).hexdigest()[:10]})"
-
-
-def wait_for_other_benchmarks(max_wait: float) -> None:
-    """Another benchmark on the same 2 cores would halve both results: wait until it has finished."""
-    deadline = time.monotonic() + max_wait
-    told = False
-    while True:
-        running = []
-        for script in ("bench/notifications.py", "bench/run.py"):
-            found = subprocess.run(["pgrep", "-f", script], capture_output=True, text=True)
-            pids = [p for p in found.stdout.split() if int(p) != os.getpid()]
-            if pids:
-                running.append(f"{script} (pid {', '.join(pids)})")
-        if not running:
-            return
-        if time.monotonic() > deadline:
-            raise BenchError(f"still running after {max_wait:.0f}s: {'; '.join(running)}")
-        if not told:
-            print(f"waiting for {'; '.join(running)} to finish ...", flush=True)
-            told = True
-        time.sleep(5)
-
-
 def wait_quiet(args: argparse.Namespace, phase: str, report: dict[str, Any]) -> None:
     """Before a measured phase: wait (up to --quiet-wait s) until the machine is nearly idle.
 
@@ -1293,7 +1180,7 @@ def bench(args: argparse.Namespace, workdir: Path, report: dict[str, Any]) -> bo
 
         wait_quiet(args, "storm", report)
         release, path = release_storm(args, server, setup)
-        with Profiler(args, server, workdir, "storm"):
+        with profiled(args, server, workdir, "storm"):
             storm_result, _ = asyncio.run(storm(args, server, setup, patients, release, path))
         verify_storm(server, setup, storm_result)
         report["storm"] = asdict(storm_result)
@@ -1311,7 +1198,7 @@ def bench(args: argparse.Namespace, workdir: Path, report: dict[str, Any]) -> bo
             end="",
             flush=True,
         )
-        with Profiler(args, server, workdir, "sustained"):
+        with profiled(args, server, workdir, "sustained"):
             sustained_result = asyncio.run(sustained(args, server, setup, plan))
         print(f" {sustained_result.rate:.0f} bookings/s, p99 {sustained_result.p99_ms:.0f} ms", flush=True)
         report["sustained"] = asdict(sustained_result)
@@ -1334,7 +1221,7 @@ def bench(args: argparse.Namespace, workdir: Path, report: dict[str, Any]) -> bo
             end="",
             flush=True,
         )
-        with Profiler(args, server, workdir, "availability"):
+        with profiled(args, server, workdir, "availability"):
             availability, availability_cpu = measure_wrk(args, server, endpoint, workdir)
         print(f" {availability.rps:.0f} req/s, p99 {availability.p99_ms:.1f} ms", flush=True)
         report["availability"] = asdict(availability) | {"free_slots": len(listed), "cpu": availability_cpu}

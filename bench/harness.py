@@ -6,6 +6,7 @@ process serves, py-spy on the server, the code measured, and waiting for another
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import math
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from run import BenchError
 
@@ -81,6 +83,34 @@ class Profiler:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def profile_summary(path: Path, top: int) -> dict[str, Any]:
+    """The server's busiest frames: own time (leaf) and time including callees, share of samples."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            if not stack or not count_text.isdigit():
+                continue
+            count = int(count_text)
+            frames = [short_frame(re.sub(r":\d+\)$", ")", f.strip())) for f in stack.split(";") if "(" in f]
+            if not frames:
+                continue
+            samples += count
+            own[frames[-1]] += count
+            for frame in set(frames):
+                total[frame] += count
+    skip = ("asyncio/", "uvicorn/", "uvloop/", "<module>", "run (", "main (", "serve (", "_run (")
+    inclusive = [(f, c) for f, c in total.most_common() if not any(s in f for s in skip)]
+    return {
+        "path": str(path),
+        "samples": samples,
+        "own": [(f, c / samples) for f, c in own.most_common(top)] if samples else [],
+        "inclusive": [(f, c / samples) for f, c in inclusive[: top + 10]] if samples else [],
+    }
 
 
 def short_frame(frame: str) -> str:

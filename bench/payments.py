@@ -34,7 +34,6 @@ import hmac
 import json
 import os
 import random
-import re
 import resource
 import shutil
 import signal
@@ -183,7 +182,7 @@ from harness import (  # noqa: E402
     code_version,
     percentile,
     postgres_database,
-    short_frame,
+    profile_summary,
     wait_for_other_benchmarks,
 )
 from run import BenchError, Server  # noqa: E402
@@ -563,34 +562,6 @@ class WaitSampler:
         if not self.rounds:
             return []
         return [(k, v / self.rounds) for k, v in self.samples.most_common()]
-
-
-def profile_summary(path: Path, top: int) -> dict[str, Any]:
-    """The server's busiest frames: own time (leaf) and time including callees, share of samples."""
-    own: collections.Counter[str] = collections.Counter()
-    total: collections.Counter[str] = collections.Counter()
-    samples = 0
-    with contextlib.suppress(OSError):
-        for line in path.read_text(errors="replace").splitlines():
-            stack, _, count_text = line.rpartition(" ")
-            if not stack or not count_text.isdigit():
-                continue
-            count = int(count_text)
-            frames = [short_frame(re.sub(r":\d+\)$", ")", f.strip())) for f in stack.split(";") if "(" in f]
-            if not frames:
-                continue
-            samples += count
-            own[frames[-1]] += count
-            for frame in set(frames):
-                total[frame] += count
-    skip = ("asyncio/", "uvicorn/", "uvloop/", "<module>", "run (", "main (", "serve (", "_run (")
-    inclusive = [(f, c) for f, c in total.most_common() if not any(s in f for s in skip)]
-    return {
-        "path": str(path),
-        "samples": samples,
-        "own": [(f, c / samples) for f, c in own.most_common(top)] if samples else [],
-        "inclusive": [(f, c / samples) for f, c in inclusive[: top + 10]] if samples else [],
-    }
 
 
 # --------------------------------------------------------------------------- one round
