@@ -43,6 +43,7 @@ from api.payments.routes import CallbackController, InvoiceController
 from api.payments.staff_routes import StaffRefundController
 from api.ratelimit import RateLimiter
 from api.settings import Settings, SettingsError, load_settings
+from notifications.outbox import Waker
 from realtime.fanout import channels_plugin
 
 API_DESCRIPTION = """Backend of the Điện Biên telehealth app.
@@ -84,6 +85,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.booking_schedules = ScheduleCache(app.state.db_pool)
         # Calls to payment providers: one pooled client, short timeouts.
         app.state.http = httpx.AsyncClient(timeout=settings.outbound_timeout_seconds)
+        # Wakes the notification workers after commits that enqueue without a NOTIFY of their own.
+        app.state.outbox_waker = Waker(settings.database_url)
         try:
             if settings.worker_in_process:
                 from notifications.runner import running_worker  # firebase-admin only where it is used
@@ -93,6 +96,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             else:
                 yield
         finally:
+            await app.state.outbox_waker.close()
             await app.state.http.aclose()
             await app.state.db_pool.close()
             if redis is not None:

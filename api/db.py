@@ -41,8 +41,22 @@ class FairPool:
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[Connection]:
-        async with self._gate, self.pool.acquire() as conn:
+        await self._gate.acquire()
+        try:
+            conn = await self.pool.acquire()
+        except BaseException:
+            self._gate.release()
+            raise
+        try:
             yield conn  # type: ignore[misc]
+        finally:
+            # The next waiter's turn starts now, not once the connection is back: asyncpg returns
+            # it from a task of its own (shielded), a loop turn or two later (milliseconds each
+            # under load, the connection idle meanwhile), and the waiter takes it from asyncpg's
+            # FIFO queue as soon as it is there. At most `size` holders of the gate still share
+            # `size` connections, in arrival order.
+            self._gate.release()
+            await self.pool.release(conn)
 
     async def close(self) -> None:
         await self.pool.close()

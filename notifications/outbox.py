@@ -4,11 +4,19 @@ A worker claims due rows with `FOR UPDATE SKIP LOCKED` in one short statement th
 row's `next_attempt_at` one lease ahead; nothing stays locked while it talks to FCM. A worker
 killed mid-send leaves its rows to come due again when the lease runs out, so a message is sent
 again at most once more and never lost.
+
+Workers are woken by a NOTIFY at the commit of each transaction that enqueues (a trigger on
+`notifications`), except where the enqueuer promised to wake them once committed
+(`WAKE_AFTER_COMMIT` and `Waker`: a path that enqueues in every one of many short
+transactions, whose commits a NOTIFY would serialise).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 
@@ -18,6 +26,15 @@ import msgspec
 from api.db import FairPool
 from notifications.policy import Preferences
 from notifications.templates import check_params
+
+log = logging.getLogger("telehealth.notifications")
+
+WAKE_CHANNEL = "notification_outbox"
+"""Where the workers LISTEN: a commit that enqueued messages NOTIFYs it (the table's trigger), or
+its `Waker` does right after."""
+WAKE_AFTER_COMMIT = "set_config('telehealth.wake_after_commit', 'on', true)"
+"""SQL that makes the current transaction's enqueues skip the trigger's NOTIFY: the caller
+promises to `Waker.wake` once the transaction has committed (migrations/0005)."""
 
 
 async def enqueue(
@@ -55,6 +72,78 @@ async def enqueue(
         not_before,
     )
     return notification_id
+
+
+def insert_sql(rows: str) -> str:
+    """The outbox's INSERT of the messages a caller's query yields, for a caller that enqueues
+    within a statement of its own (often as a data-modifying CTE, so that a message exists if
+    and only if the change it reports does). `rows` is that query: columns user_id, kind,
+    params (jsonb: exactly what `check_params` accepts for the kind), facility_id, subject and
+    dedupe_key. Due now; a dedupe key already used enqueues nothing."""
+    return f"""INSERT INTO notifications
+               (user_id, kind, params, facility_id, subject, dedupe_key, not_before, next_attempt_at)
+           SELECT r.user_id, r.kind, r.params, r.facility_id, r.subject, r.dedupe_key, now(), now()
+             FROM ({rows}) AS r
+           ON CONFLICT (dedupe_key) DO NOTHING"""
+
+
+class Waker:
+    """Wakes the workers (NOTIFY on `WAKE_CHANNEL`) for transactions that enqueued with
+    `WAKE_AFTER_COMMIT`, once they have committed.
+
+    PostgreSQL serialises the commits of transactions that NOTIFY, each one holding a lock across
+    its WAL flush: a busy path that enqueues in every transaction (payment callbacks) could not
+    commit faster than one flush after another. Here the wake-up goes out after the commit,
+    from a connection of its own whose commits need no flush (a wake-up is not data). The
+    first one goes at once; those asked for while one is sent, or within `spacing` after it,
+    are merged into the next (a woken worker claims whatever is due). A wake-up that fails is
+    only logged: the workers' poll (NOTIFICATION_POLL_SECONDS) finds the messages anyway.
+    """
+
+    def __init__(self, dsn: str, spacing: float = 0.01) -> None:
+        self._dsn = dsn
+        self._spacing = spacing
+        self._conn: asyncpg.Connection | None = None
+        self._due = False
+        self._sending: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """Ask for a wake-up, after the commit of what it is for; returns at once."""
+        self._due = True
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        # Every commit before a send is covered by it: asking again during one sends once more.
+        while self._due:
+            self._due = False
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(
+                        self._dsn,
+                        server_settings={"application_name": "telehealth-wake", "synchronous_commit": "off"},
+                    )
+                await self._conn.execute(f"SELECT pg_notify('{WAKE_CHANNEL}', '')")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning(
+                    "could not wake the notification workers (%s); their poll will", type(exc).__name__
+                )
+                await self._drop()
+                return
+            await asyncio.sleep(self._spacing)
+
+    async def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close(timeout=2)
+            self._conn = None
+
+    async def close(self) -> None:
+        """Send what was asked for, then close."""
+        if self._sending is not None:
+            with contextlib.suppress(Exception):
+                await self._sending
+        await self._drop()
 
 
 async def cancel_pending(conn: asyncpg.Connection, subject: str, kinds: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from notifications.push import FcmSender, Push, PushResult
 from notifications.templates import TEMPLATES, render
 
 log = logging.getLogger("telehealth.notifications")
-WAKE_CHANNEL = "notification_outbox"
+WAKE_CHANNEL = outbox.WAKE_CHANNEL
 
 
 def utcnow() -> dt.datetime:

@@ -32,14 +32,17 @@ from litestar.testing import AsyncTestClient
 from api.app import create_app
 from api.booking.housekeeping import expire_and_offer
 from api.errors import ApiError
-from api.payments import ledger, reconcile, refunds, vietqr
-from api.settings import Settings
+from api.payments import ledger, reconcile, refunds, vietqr, vnpay
+from api.settings import Settings, secrets_of
+from notifications.templates import check_params, render
 from tests.conftest import make_settings
 from tests.factories import (
     OwnClinic,
     Session,
     clinic_at,
     clinic_today,
+    insert_device,
+    insert_user,
     own_clinic,
     serve,
     sessions_for_many,
@@ -608,6 +611,42 @@ async def test_vnpay_ipn_pays_once_and_books(http, db, pay_settings, vnpay_box):
     assert [p["status"] for p in invoice["payments"]] == ["paid"]
 
 
+async def test_a_payment_wakes_the_notification_worker_once_committed(
+    db, pay_settings, vnpay_box, fcm_clean, tmp_path
+):
+    """A callback's transaction enqueues its messages without a NOTIFY (PostgreSQL serialises the
+    commits of transactions that NOTIFY); the API wakes the workers once it has committed."""
+    account = fcm_clean.write_service_account(tmp_path / "service-account.json")
+    settings = msgspec.structs.replace(
+        pay_settings,
+        notification_worker="in_process",
+        fcm_credentials_file=str(account),
+        fcm_endpoint=fcm_clean.send_url,
+        notification_poll_seconds=30.0,  # so only a wake-up can explain a quick push
+    )
+    async with serve(settings) as app:
+        held = await hold(app, db, settings)
+        token = await insert_device(db, uuid.UUID(held.patient.user["id"]))
+        payment = await started(app, held, "vnpay")
+        await asyncio.sleep(0.5)  # the worker's first pass is done; now it waits
+        response = await vnpay_ipn(app, vnpay_box.ipn_params(payment["redirect_url"]))
+        assert response.json()["RspCode"] == "00", response.text
+        wanted = {
+            str(r["id"])
+            for r in await db.fetch(
+                """SELECT id FROM notifications WHERE user_id = $1
+                    AND kind IN ('payment_received', 'appointment_booked')""",
+                uuid.UUID(held.patient.user["id"]),
+            )
+        }
+        assert len(wanted) == 2
+        await fcm_clean.wait_for(lambda e: wanted <= set(data_ids(e.sent_to(token))), timeout=10)
+
+
+def data_ids(received: list[Any]) -> list[str]:
+    return [r.message["data"]["notification_id"] for r in received]
+
+
 @pytest.mark.parametrize(
     "tamper",
     ["hash_byte", "amount_unsigned", "response_code_unsigned", "no_hash", "tmn_code_signed"],
@@ -1124,6 +1163,201 @@ async def test_two_providers_paying_one_invoice_at_once_keep_one_payment(
     assert snap.payments == [PRICE, PRICE] and snap.refund_rows == [("requested", PRICE)], snap
     assert [s for s, _ in snap.appointments] == ["booked"] and snap.receipts == 1, snap
     await assert_ledger_consistent(db, [held.invoice_id])
+
+
+# === Orders without an appointment ===============================================================
+# An invoice nothing else hangs on (as bench/payments.py makes them) is settled by a single
+# statement when the provider's default account is its account (api/payments/settle.py,
+# `settle_at_once`); a facility with an account of its own goes the long way.
+
+NO_APPOINTMENT = "TYT-CHANUA"  # a facility whose own payment account one test sets up
+
+
+async def direct_order(db: Any, facility: str = HOME, price: int = PRICE) -> tuple[uuid.UUID, uuid.UUID, str]:
+    """A patient's pending invoice with no appointment and one pending VNPay attempt, written
+    straight into the database: (invoice, attempt, order ref)."""
+    patient = await insert_user(db)
+    invoice_id: uuid.UUID = await db.fetchval(
+        """INSERT INTO invoices (patient_id, facility_id, service_id, amount_vnd)
+           SELECT $1, f.id, (SELECT s.id FROM services s WHERE s.facility_id = f.id LIMIT 1), $3
+             FROM facilities f WHERE f.code = $2 RETURNING id""",
+        patient,
+        facility,
+        price,
+    )
+    attempt_id = uuid.uuid4()
+    await db.execute(
+        """INSERT INTO payment_attempts (id, invoice_id, provider, order_ref, amount_vnd, expires_at)
+           VALUES ($1, $2, 'vnpay', $3, $4, now() + interval '15 minutes')""",
+        attempt_id,
+        invoice_id,
+        attempt_id.hex,
+        price,
+    )
+    TOUCHED.append(invoice_id)
+    return invoice_id, attempt_id, attempt_id.hex
+
+
+def signed_ipn(
+    secret: str,
+    tmn_code: str,
+    ref: str,
+    *,
+    amount: int = PRICE,
+    transaction_no: str | None = None,
+    response_code: str = "00",
+) -> dict[str, str]:
+    """The IPN VNPay sends for an order, signed with `secret`."""
+    params = {
+        "vnp_Amount": str(amount * 100),
+        "vnp_BankCode": "NCB",
+        "vnp_OrderInfo": "Thanh toan hoa don",
+        "vnp_PayDate": "20260105093000",
+        "vnp_ResponseCode": response_code,
+        "vnp_TmnCode": tmn_code,
+        "vnp_TransactionNo": transaction_no or str(uuid.uuid4().int % 10**8),
+        "vnp_TransactionStatus": "00" if response_code == "00" else "02",
+        "vnp_TxnRef": ref,
+    }
+    params["vnp_SecureHash"] = vnpay.sign(params, secret)
+    return params
+
+
+def default_ipn(settings: Settings, ref: str, **options: Any) -> dict[str, str]:
+    return signed_ipn(secrets_of(settings.vnpay_hash_secret)[0], settings.vnpay_tmn_code, ref, **options)
+
+
+async def direct_state(db: Any, invoice_id: uuid.UUID) -> tuple[str, list[str], list[int], int]:
+    """(invoice status, attempt statuses, ledger payments, receipts)."""
+    invoice = await db.fetchval("SELECT status FROM invoices WHERE id = $1", invoice_id)
+    attempts = await db.fetch(
+        "SELECT status FROM payment_attempts WHERE invoice_id = $1 ORDER BY created_at", invoice_id
+    )
+    payments = await db.fetch(
+        "SELECT amount_vnd FROM ledger_entries WHERE invoice_id = $1 AND kind = 'payment'", invoice_id
+    )
+    receipts = await db.fetchval(
+        "SELECT count(*) FROM notifications WHERE kind = 'payment_received' AND subject = $1",
+        f"invoice:{invoice_id}",
+    )
+    return invoice, [r["status"] for r in attempts], [r["amount_vnd"] for r in payments], receipts
+
+
+async def test_an_order_without_an_appointment_is_paid_once(http, db, pay_settings):
+    invoice_id, attempt_id, ref = await direct_order(db)
+    params = default_ipn(pay_settings, ref)
+    assert (await vnpay_ipn(http, params)).json() == {"RspCode": "00", "Message": "Confirm Success"}
+    assert await direct_state(db, invoice_id) == ("paid", ["paid"], [PRICE], 1)
+    entry = await db.fetchrow("SELECT * FROM ledger_entries WHERE invoice_id = $1", invoice_id)
+    assert (entry["attempt_id"], entry["provider"], entry["reference"]) == (
+        attempt_id,
+        "vnpay",
+        params["vnp_TransactionNo"],
+    )
+    attempt = await db.fetchrow("SELECT * FROM payment_attempts WHERE id = $1", attempt_id)
+    assert attempt["provider_transaction_id"] == params["vnp_TransactionNo"]
+    # The receipt: to the patient, with exactly the params its template takes.
+    receipt = await db.fetchrow(
+        "SELECT * FROM notifications WHERE kind = 'payment_received' AND subject = $1",
+        f"invoice:{invoice_id}",
+    )
+    patient = await db.fetchval("SELECT patient_id FROM invoices WHERE id = $1", invoice_id)
+    assert receipt["user_id"] == patient
+    assert receipt["dedupe_key"] == f"payment:{attempt_id}:payment_received:{patient}"
+    stored = json.loads(receipt["params"])
+    assert stored == check_params("payment_received", {"invoice_id": invoice_id, "amount": PRICE})
+    assert "150.000" in render("payment_received", stored, "vi", receipt["id"]).body
+    # The same IPN again: "already confirmed", nothing more.
+    assert (await vnpay_ipn(http, params)).json()["RspCode"] == "02"
+    assert await direct_state(db, invoice_id) == ("paid", ["paid"], [PRICE], 1)
+    stored_callbacks = await callbacks_about(db, "vnpay", "{vnp_TxnRef}", ref)
+    assert [(c["signature_valid"], c["outcome"], c["attempt_id"]) for c in stored_callbacks] == [
+        (True, "paid", attempt_id),
+        (True, "duplicate", attempt_id),
+    ]
+    await assert_ledger_consistent(db, [invoice_id])
+
+
+async def test_50_identical_callbacks_for_an_order_without_an_appointment_apply_once(db, pay_settings):
+    invoice_id, _, ref = await direct_order(db)
+    params = default_ipn(pay_settings, ref)
+    async with serve(pay_settings) as app:
+        responses = await asyncio.gather(*(vnpay_ipn(app, params) for _ in range(50)))
+    assert sorted(r.json()["RspCode"] for r in responses) == ["00"] + ["02"] * 49
+    assert await direct_state(db, invoice_id) == ("paid", ["paid"], [PRICE], 1)
+    outcomes = [c["outcome"] for c in await callbacks_about(db, "vnpay", "{vnp_TxnRef}", ref)]
+    assert outcomes.count("paid") == 1 and outcomes.count("duplicate") == 49, outcomes
+
+
+async def test_an_order_without_an_appointment_refuses_what_it_should(http, db, pay_settings):
+    invoice_id, attempt_id, ref = await direct_order(db)
+    # A wrong amount, an unknown order and a bad signature change nothing, and are kept.
+    assert (await vnpay_ipn(http, default_ipn(pay_settings, ref, amount=PRICE - 1))).json()["RspCode"] == "04"
+    unknown = uuid.uuid4().hex
+    assert (await vnpay_ipn(http, default_ipn(pay_settings, unknown))).json()["RspCode"] == "01"
+    forged = signed_ipn("not-the-secret", pay_settings.vnpay_tmn_code, ref)
+    assert (await vnpay_ipn(http, forged)).json()["RspCode"] == "97"
+    assert await direct_state(db, invoice_id) == ("pending", ["pending"], [], 0)
+    assert [
+        (c["signature_valid"], c["outcome"], c["attempt_id"])
+        for c in await callbacks_about(db, "vnpay", "{vnp_TxnRef}", ref)
+    ] == [
+        (True, "wrong_amount", attempt_id),
+        (False, "invalid_signature", None),
+    ]
+    assert [
+        (c["outcome"], c["attempt_id"]) for c in await callbacks_about(db, "vnpay", "{vnp_TxnRef}", unknown)
+    ] == [("unknown_order", None)]
+    # A failure is recorded and told; a payment after it still pays; a late failure is ignored.
+    assert (await vnpay_ipn(http, default_ipn(pay_settings, ref, response_code="24"))).json()[
+        "RspCode"
+    ] == "00"
+    assert await direct_state(db, invoice_id) == ("pending", ["failed"], [], 0)
+    told = await db.fetchval(
+        "SELECT params FROM notifications WHERE kind = 'payment_failed' AND subject = $1",
+        f"invoice:{invoice_id}",
+    )
+    assert json.loads(told) == check_params("payment_failed", {"invoice_id": invoice_id})
+    assert (await vnpay_ipn(http, default_ipn(pay_settings, ref))).json()["RspCode"] == "00"
+    assert (await vnpay_ipn(http, default_ipn(pay_settings, ref, response_code="99"))).json()[
+        "RspCode"
+    ] == "02"
+    assert await direct_state(db, invoice_id) == ("paid", ["paid"], [PRICE], 1)
+    assert [c["outcome"] for c in await callbacks_about(db, "vnpay", "{vnp_TxnRef}", ref)][-3:] == [
+        "failed",
+        "paid",
+        "late_failure_ignored",
+    ]
+
+
+async def test_an_order_paid_to_its_facilitys_own_account_is_verified_with_that_account(
+    http, db, pay_settings
+):
+    own_secret, own_tmn = "facility-own-secret", "OWNTMN01"
+    facility_id = await db.fetchval("SELECT id FROM facilities WHERE code = $1", NO_APPOINTMENT)
+    await db.execute(
+        """INSERT INTO payment_accounts (facility_id, provider, config, secrets)
+           VALUES ($1, 'vnpay', $2::jsonb, $3::jsonb)""",
+        facility_id,
+        json.dumps({"tmn_code": own_tmn, "pay_url": "https://pay.test", "api_url": "https://api.test"}),
+        json.dumps({"hash_secret": [own_secret]}),
+    )
+    try:
+        invoice_id, _, ref = await direct_order(db, NO_APPOINTMENT)
+        # Signed as the default account would sign it: not this order's account.
+        assert (await vnpay_ipn(http, default_ipn(pay_settings, ref))).json()["RspCode"] == "97"
+        assert await direct_state(db, invoice_id) == ("pending", ["pending"], [], 0)
+        assert (await vnpay_ipn(http, signed_ipn(own_secret, own_tmn, ref))).json()["RspCode"] == "00"
+        assert await direct_state(db, invoice_id) == ("paid", ["paid"], [PRICE], 1)
+        assert [
+            (c["signature_valid"], c["outcome"])
+            for c in await callbacks_about(db, "vnpay", "{vnp_TxnRef}", ref)
+        ] == [
+            (False, "invalid_signature"),
+            (True, "paid"),
+        ]
+    finally:
+        await db.execute("DELETE FROM payment_accounts WHERE facility_id = $1", facility_id)
 
 
 # === A hold running out while its payment arrives ================================================

@@ -435,6 +435,17 @@ async def get_appointment(
     return row
 
 
+async def appointment_of_invoice(
+    conn: asyncpg.Connection, invoice_id: uuid.UUID, *, lock: bool = False
+) -> asyncpg.Record | None:
+    """The appointment an invoice pays for (None: none)."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"SELECT {APPOINTMENT} FROM appointments a WHERE a.invoice_id = $1" + (" FOR UPDATE" if lock else ""),
+        invoice_id,
+    )
+    return row
+
+
 async def list_appointments_for(
     conn: asyncpg.Connection,
     user_id: uuid.UUID,

@@ -8,6 +8,7 @@ this module in a response or a log line.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ class Account(msgspec.Struct, frozen=True):
         return self.secrets[name][0]
 
 
+@functools.lru_cache(maxsize=64)  # settings never change while a process runs
 def default_account(settings: Settings, provider: str) -> Account:
     if provider == "vnpay":
         return Account(
@@ -68,6 +70,21 @@ async def account_for(
     row = await queries.account(conn, facility_id, provider)
     if row is None:
         return default_account(settings, provider)
-    if not row["enabled"]:
+    return _own_account(provider, row["enabled"], row["config"], row["secrets"])
+
+
+def account_of_attempt(settings: Settings, attempt: asyncpg.Record) -> Account:
+    """The account an attempt found by `queries.find_attempt` is paid to (read with it, so a
+    rotated secret counts from the next report on)."""
+    provider = attempt["provider"]
+    if attempt["account_enabled"] is None:
+        return default_account(settings, provider)
+    return _own_account(
+        provider, attempt["account_enabled"], attempt["account_config"], attempt["account_secrets"]
+    )
+
+
+def _own_account(provider: str, enabled: bool, config: str, secrets: str) -> Account:
+    if not enabled:
         raise ApiError("payment_method_unavailable")
-    return Account(provider, msgspec.json.decode(row["config"]), msgspec.json.decode(row["secrets"]))
+    return Account(provider, msgspec.json.decode(config), msgspec.json.decode(secrets))

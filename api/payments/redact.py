@@ -7,6 +7,7 @@ signature next to its signed data helps nobody but an attacker testing guesses.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -28,6 +29,7 @@ _FRAGMENTS = ("signature", "securehash", "secret", "password", "hmac", "checksum
 _WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
 
 
+@functools.lru_cache(maxsize=4096)  # the same few field names, callback after callback
 def _sensitive(provider: str, key: str) -> bool:
     if key in _PROVIDER_FIELDS.get(provider, frozenset()):
         return True

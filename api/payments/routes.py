@@ -150,18 +150,19 @@ class InvoiceController(Controller):
 
 class CallbackController(Controller):
     """Server-to-server calls from the providers. No bearer token: each is authenticated by the
-    provider's signature, and answered in the provider's own format."""
+    provider's signature, and answered in the provider's own format.
+
+    No `db` dependency (a connection in a transaction for the whole request): the callbacks
+    parse first, then take a connection, and open a transaction only to change something.
+    """
 
     path = "/v1/payments"
     tags = ["payment callbacks"]
 
     @get("/callbacks/vnpay", operation_id="vnpayIpn", summary="VNPay IPN", responses=error_responses())
-    async def vnpay(
-        self, request: Request[Any, Any, Any], state: State, db: NamedDependency[asyncpg.Connection]
-    ) -> dict[str, str]:
+    async def vnpay(self, request: Request[Any, Any, Any], state: State) -> dict[str, str]:
         params = {k: v for k, v in request.query_params.items() if isinstance(v, str)}
-        async with db.transaction():  # a GET, so the request is not already in one
-            return await callbacks.vnpay_ipn(db, state.settings, params, utcnow())
+        return await callbacks.vnpay_ipn(state.db_pool, state.settings, params, utcnow(), state.outbox_waker)
 
     @post(
         "/callbacks/momo",
@@ -170,11 +171,9 @@ class CallbackController(Controller):
         status_code=HTTP_204_NO_CONTENT,
         responses=error_responses(),
     )
-    async def momo(
-        self, request: Request[Any, Any, Any], state: State, db: NamedDependency[asyncpg.Connection]
-    ) -> None:
+    async def momo(self, request: Request[Any, Any, Any], state: State) -> None:
         body = _json_object(await request.body())
-        await callbacks.momo_ipn(db, state.settings, body, utcnow())
+        await callbacks.momo_ipn(state.db_pool, state.settings, body, utcnow(), state.outbox_waker)
 
     @post(
         "/callbacks/zalopay",
@@ -183,11 +182,9 @@ class CallbackController(Controller):
         status_code=200,
         responses=error_responses(),
     )
-    async def zalopay(
-        self, request: Request[Any, Any, Any], state: State, db: NamedDependency[asyncpg.Connection]
-    ) -> dict[str, Any]:
+    async def zalopay(self, request: Request[Any, Any, Any], state: State) -> dict[str, Any]:
         return await callbacks.zalopay_callback(
-            db, state.settings, _json_object(await request.body()), utcnow()
+            state.db_pool, state.settings, _json_object(await request.body()), utcnow(), state.outbox_waker
         )
 
     @post(
@@ -197,14 +194,17 @@ class CallbackController(Controller):
         status_code=200,
         responses=error_responses("invalid_signature"),
     )
-    async def bank_transfer(
-        self, request: Request[Any, Any, Any], state: State, db: NamedDependency[asyncpg.Connection]
-    ) -> Response[Any]:
+    async def bank_transfer(self, request: Request[Any, Any, Any], state: State) -> Response[Any]:
         valid, result = await callbacks.bank_transfer(
-            db, state.settings, await request.body(), request.headers.get("x-signature"), utcnow()
+            state.db_pool,
+            state.settings,
+            await request.body(),
+            request.headers.get("x-signature"),
+            utcnow(),
+            state.outbox_waker,
         )
         if not valid:
-            # Answered, not raised: raising would roll back the stored record of this callback.
+            # Answered, not raised: the stored record of this callback must stay.
             return ApiError(
                 "invalid_signature" if result == "invalid_signature" else "validation_failed"
             ).to_response(request)

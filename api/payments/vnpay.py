@@ -45,12 +45,24 @@ def signing_string(params: Mapping[str, str]) -> str:
         for key, value in params.items()
         if key.startswith("vnp_") and key not in _UNSIGNED and value != ""
     )
-    return "&".join(f"{quote_plus(key)}={quote_plus(value)}" for key, value in signed)
+    return "&".join(f"{_quote_plus(key)}={_quote_plus(value)}" for key, value in signed)
+
+
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def _quote_plus(text: str) -> str:
+    """`quote_plus`, without its work for text it leaves as it is (most keys and values)."""
+    return text if _UNRESERVED.fullmatch(text) else quote_plus(text)
 
 
 def sign(params: Mapping[str, str], secret: str) -> str:
     """`vnp_SecureHash`: lowercase hex HMAC-SHA512 of the signing string."""
-    return hmac.new(secret.encode(), signing_string(params).encode(), hashlib.sha512).hexdigest()
+    return _hash(secret, signing_string(params).encode())
+
+
+def _hash(secret: str, signed: bytes) -> str:
+    return hmac.new(secret.encode(), signed, hashlib.sha512).hexdigest()
 
 
 def pay_url(base_url: str, params: Mapping[str, str], secret: str) -> str:
@@ -74,7 +86,8 @@ def verify(params: Mapping[str, str], secrets: Sequence[str]) -> bool:
     if not received or not secrets:
         return False
     received_bytes = received.lower().encode("utf-8", "replace")
-    results = [hmac.compare_digest(sign(params, secret).encode(), received_bytes) for secret in secrets]
+    signed = signing_string(params).encode()
+    results = [hmac.compare_digest(_hash(secret, signed).encode(), received_bytes) for secret in secrets]
     return any(results)  # every secret is tried, so timing does not tell which one matched
 
 
