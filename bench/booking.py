@@ -36,7 +36,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -58,11 +57,10 @@ import run as httpbench  # noqa: E402  (bench/run.py: the server, wrk, CPU accou
 from harness import (  # noqa: E402
     PY_SPY,
     Profiler,
-    code_version,
     percentile,
     postgres_database,
     profile_summary,
-    wait_for_other_benchmarks,
+    run_benchmark,
 )
 from run import BenchError, Endpoint, Server, cpu_snapshot, create_database, drop_database, http  # noqa: E402
 
@@ -1359,48 +1357,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def bench_all(args: argparse.Namespace, workdir: Path, report: dict[str, Any]) -> bool:
+    busy = httpbench.machine_busy()
+    if busy > 0.2:
+        print(f"warning: {busy:.2f} cores already busy before the benchmark; the figures will be low")
+    return bench(args, workdir, report)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    workdir = Path(tempfile.mkdtemp(prefix="telehealth-bench-booking-"))
-    report: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}}
-    status = 0
-    try:
-        if not args.no_wait:
-            wait_for_other_benchmarks(max_wait=3600)
-        print(
-            f"bench booking: {args.patients} patients on {args.slots} slots; sustained {args.sustained_clients} "
-            f"clients x {args.sustained_seconds:g}s; availability wrk -t{args.threads} -c{args.connections} "
-            f"{args.duration:g}s; 1 API worker; {os.cpu_count()} CPUs; {args.pg_url}",
-            flush=True,
-        )
-        report["code"] = code_version()
-        print(f"code: {report['code']}", flush=True)
-        busy = httpbench.machine_busy()
-        if busy > 0.2:
-            print(f"warning: {busy:.2f} cores already busy before the benchmark; the figures will be low")
-        status = 0 if bench(args, workdir, report) else 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: server stopped, databases dropped", file=sys.stderr)
-        status = 130
-    except (BenchError, OSError, asyncpg.PostgresError, subprocess.SubprocessError) as exc:
-        print(f"\nbench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        status = 2
-    if status in (0, 1):
-        print(f"\n{'ALL TARGETS PASS' if status == 0 else 'SOME TARGETS FAIL'}")
-    if args.json:
-        report["status"] = status
-        args.json.write_text(json.dumps(report, indent=2, default=str))
-    if args.keep_logs or args.profile or status == 2:
-        print(f"logs: {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return status
+    headline = (
+        f"{args.patients} patients on {args.slots} slots; sustained {args.sustained_clients} clients x "
+        f"{args.sustained_seconds:g}s; availability wrk -t{args.threads} -c{args.connections} {args.duration:g}s; "
+        "1 API worker"
+    )
+    return run_benchmark(args, "booking", headline, bench_all)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,25 @@ process serves, py-spy on the server, the code measured, and waiting for another
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import hashlib
+import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from run import BenchError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +158,46 @@ def wait_for_other_benchmarks(max_wait: float) -> None:
             print(f"waiting for other benchmarks to finish (pid {', '.join(pids)}) ...", flush=True)
             told = True
         time.sleep(5)
+
+
+def run_benchmark(
+    args: argparse.Namespace,
+    name: str,
+    headline: str,
+    bench: Callable[[argparse.Namespace, Path, dict[str, Any]], bool],
+) -> int:
+    """Run `bench` (True: every target passes) as a command: Ctrl-C and SIGTERM stop it cleanly,
+    the report goes to `--json`, logs are kept when asked or when it failed. Exit status 0 all
+    targets pass, 1 some fail, 2 the benchmark failed, 130 interrupted."""
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    workdir = Path(tempfile.mkdtemp(prefix=f"telehealth-bench-{name}-"))
+    report: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}}
+    status = 0
+    try:
+        if not args.no_wait:
+            wait_for_other_benchmarks(max_wait=3600)
+        print(f"bench {name}: {headline}; {os.cpu_count()} CPUs; {args.pg_url}", flush=True)
+        report["code"] = code_version()
+        print(f"code: {report['code']}", flush=True)
+        status = 0 if bench(args, workdir, report) else 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: server stopped, databases dropped", file=sys.stderr)
+        status = 130
+    except (BenchError, OSError, asyncpg.PostgresError, subprocess.SubprocessError) as exc:
+        print(f"\nbench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        status = 2
+    if status in (0, 1):
+        print(f"\n{'ALL TARGETS PASS' if status == 0 else 'SOME TARGETS FAIL'}")
+    if args.json:
+        report["status"] = status
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    if args.keep_logs or args.profile or status == 2:
+        print(f"logs: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return status

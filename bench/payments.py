@@ -31,15 +31,12 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
-import json
 import os
 import random
 import resource
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -179,10 +176,10 @@ import run as httpbench  # noqa: E402  (bench/run.py: the server, CPU accounting
 from harness import (  # noqa: E402
     PY_SPY,
     Profiler,
-    code_version,
     percentile,
     postgres_database,
     profile_summary,
+    run_benchmark,
     wait_for_other_benchmarks,
 )
 from run import BenchError, Server  # noqa: E402
@@ -1119,56 +1116,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    workdir = Path(tempfile.mkdtemp(prefix="telehealth-bench-payments-"))
-    report: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}}
-    status = 0
-    try:
-        if not args.no_wait:
-            wait_for_other_benchmarks(max_wait=3600)
+def bench_rounds(args: argparse.Namespace, workdir: Path, report: dict[str, Any]) -> bool:
+    """Runs again (up to `--retries` times) while other processes disturbed it; reports the calmest."""
+    rounds: list[Round] = []
+    for number in range(1, args.retries + 2):
+        rounds.append(one_round(args, workdir, number))
+        if not rounds[-1].disturbed:
+            break
         print(
-            f"bench payments: {args.invoices:,} invoices, {args.duplicates:.0%} sent twice, "
-            f"{args.connections} connections, 1 API worker (NOTIFICATION_WORKER=external), "
-            f"{os.cpu_count()} CPUs, {args.pg_url}",
+            f"  disturbed: other processes used {rounds[-1].cpu['other']:.2f} cores; running again",
             flush=True,
         )
-        report["code"] = code_version()
-        print(f"code: {report['code']}", flush=True)
-        rounds: list[Round] = []
-        for number in range(1, args.retries + 2):
-            rounds.append(one_round(args, workdir, number))
-            if not rounds[-1].disturbed:
-                break
-            print(
-                f"  disturbed: other processes used {rounds[-1].cpu['other']:.2f} cores; running again",
-                flush=True,
-            )
-        best = min(rounds, key=lambda r: r.cpu.get("other", 0.0))
-        report["rounds"] = [asdict(r) for r in rounds]
-        status = 0 if print_report(args, best) else 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: server stopped, database dropped", file=sys.stderr)
-        status = 130
-    except (BenchError, OSError, asyncpg.PostgresError, subprocess.SubprocessError) as exc:
-        print(f"\nbench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        status = 2
-    if status in (0, 1):
-        print(f"\n{'ALL TARGETS PASS' if status == 0 else 'SOME TARGETS FAIL'}")
-    if args.json:
-        report["status"] = status
-        args.json.write_text(json.dumps(report, indent=2, default=str))
-    if args.keep_logs or args.profile or status == 2:
-        print(f"logs: {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return status
+    best = min(rounds, key=lambda r: r.cpu.get("other", 0.0))
+    report["rounds"] = [asdict(r) for r in rounds]
+    return print_report(args, best)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    headline = (
+        f"{args.invoices:,} invoices, {args.duplicates:.0%} sent twice, {args.connections} connections, "
+        "1 API worker (NOTIFICATION_WORKER=external)"
+    )
+    return run_benchmark(args, "payments", headline, bench_rounds)
 
 
 if __name__ == "__main__":
