@@ -13,12 +13,10 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.plugins.prometheus import PrometheusConfig
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from api.access import authorize
 from api.booking.availability import AvailabilityCache
 from api.booking.routes import AppointmentController, AvailabilityController, WaitlistController
 from api.booking.schedule_cache import ScheduleCache
@@ -32,6 +30,7 @@ from api.identity.current_user import BearerAuthenticationMiddleware
 from api.identity.routes import AuthController, MeController
 from api.identity.tokens import VerifiedTokens
 from api.identity.vneid import VneidVerifier
+from api.metrics import metrics_config
 from api.notifications.routes import (
     DeadLetterController,
     DeviceController,
@@ -131,9 +130,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=route_handlers,  # type: ignore[arg-type]
         lifespan=[resources],
         dependencies={"db": Provide(provide_db)},
-        guards=[authorize],
         middleware=[
-            PrometheusConfig(app_name="telehealth", prefix="telehealth", group_path=True).middleware,
+            metrics_config().middleware,
             DefineMiddleware(BearerAuthenticationMiddleware),
         ],
         plugins=[problem_details_plugin(), channels_plugin(redis)],

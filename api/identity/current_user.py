@@ -12,6 +12,7 @@ from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
 
+from api.access import authorize
 from api.errors import ApiError
 from api.identity.models import StaffMembership
 from api.identity.queries import load_current_user
@@ -64,16 +65,22 @@ SignedInRequest = Request[CurrentUser, Any, Any]
 
 
 class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
-    """Sets `request.user` from `Authorization: Bearer <access JWT>`; no header means anonymous.
+    """Sets `request.user` from `Authorization: Bearer <access JWT>`, then applies the route table.
 
-    The user, roles and session are read from the database on every request, so logout,
-    logout-everywhere and a removed staff role take effect on the next request.
-    Whether anonymous callers may use a route is the authorization table's decision.
+    No header means anonymous. The user, roles and session are read from the database on every
+    request, so logout, logout-everywhere and a removed staff role take effect on the next
+    request. Whether the caller may use the route is `api.access.authorize`'s decision, made here
+    once the caller is known (deny by default).
     """
 
     async def authenticate_request(
         self, connection: ASGIConnection[Any, Any, Any, Any]
     ) -> AuthenticationResult:
+        result = await self._authenticate(connection)
+        authorize(connection.scope, result.user)
+        return result
+
+    async def _authenticate(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
         header = connection.headers.get("authorization")
         if not header:
             return AuthenticationResult(user=None, auth=None)
