@@ -17,7 +17,9 @@ def sample(name: str, **labels: Any) -> float:
 def answering(status: int) -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         # While the request runs, it is in progress.
-        assert sample("requests_in_progress", method="GET", path=scope["path_template"], status_code="200") == 1
+        assert (
+            sample("requests_in_progress", method="GET", path=scope["path_template"], status_code="200") == 1
+        )
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
