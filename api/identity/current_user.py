@@ -40,7 +40,7 @@ class CurrentUser(msgspec.Struct, frozen=True):
     def from_row(cls, row: asyncpg.Record, session_id: uuid.UUID) -> CurrentUser:
         staff = tuple(
             StaffMembership(facility_id=uuid.UUID(facility), role=role)
-            for facility, role in (m.split(":") for m in row["memberships"])
+            for facility, role in (m.split(":") for m in sorted(row["memberships"]))
         )
         roles = {"citizen", *(m.role for m in staff)}
         if row["is_guardian"]:

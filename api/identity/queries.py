@@ -150,12 +150,13 @@ async def revoke_all_sessions(conn: asyncpg.Connection, user_id: uuid.UUID, reas
 
 
 # One round trip per authenticated request: the profile, its roles, and whether the session
-# and the token's issue time are still honoured.
+# and the token's issue time are still honoured. Memberships come unsorted (CurrentUser sorts
+# them): an aggregate with ORDER BY made this query a fifth more expensive for PostgreSQL.
 _CURRENT_USER = f"""
 SELECT {_USER_COLUMNS},
        EXISTS (SELECT 1 FROM guardianships g WHERE g.guardian_id = u.id) AS is_guardian,
-       coalesce((SELECT array_agg(st.facility_id::text || ':' || st.role ORDER BY st.facility_id, st.role)
-                   FROM staff st WHERE st.personal_id = u.personal_id), '{{}}') AS memberships
+       ARRAY(SELECT st.facility_id::text || ':' || st.role
+               FROM staff st WHERE st.personal_id = u.personal_id) AS memberships
   FROM users u
   JOIN auth_sessions s ON s.id = $2 AND s.user_id = u.id AND s.revoked_at IS NULL
  WHERE u.id = $1 AND u.tokens_valid_after < to_timestamp($3::bigint + 1)
