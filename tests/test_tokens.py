@@ -127,6 +127,7 @@ BAD_TOKENS: dict[str, BadToken] = {
     "missing_sub": _changed(sub=None),
     "missing_jti": _changed(jti=None),
     "sub_not_a_uuid": _changed(sub="011090123456"),
+    "sid_not_a_uuid": _changed(sid="not-a-session"),
     "unknown_session": _changed(sid=lambda now: str(uuid.uuid4())),
     "another_users_sub_on_this_session": lambda ctx: reissue(
         ctx.session.access_token, ctx.settings.jwt_secret, sub=ctx.other_user_id

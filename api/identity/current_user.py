@@ -92,9 +92,8 @@ class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
             claims = state.verified_tokens.verify(state.settings, token.strip())
         except InvalidToken:
             raise ApiError("invalid_token") from None
-        session_id = uuid.UUID(claims.sid)
         async with state.db_pool.acquire() as conn:
-            row = await load_current_user(conn, uuid.UUID(claims.sub), session_id, claims.iat)
+            row = await load_current_user(conn, claims.sub, claims.sid, claims.iat)
         if row is None:
             raise ApiError("invalid_token")
-        return AuthenticationResult(user=CurrentUser.from_row(row, session_id), auth=claims)
+        return AuthenticationResult(user=CurrentUser.from_row(row, claims.sid), auth=claims)
