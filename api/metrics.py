@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusMiddleware
@@ -32,9 +33,9 @@ class RequestMetricsMiddleware(PrometheusMiddleware):
         route = scope["path_template"]
         in_progress = self._in_progress.get((method, route))
         if in_progress is None:
-            in_progress = self._in_progress[method, route] = self.requests_in_progress(
-                self._labels(method, route, 200)
-            ).labels(method, route, 200, self._config.app_name)
+            in_progress = self._in_progress[method, route] = self._child(
+                self.requests_in_progress, method, route, 200
+            )
         started = time.perf_counter()
         finished: float | None = None  # when the body went out
         status = 200
@@ -62,17 +63,17 @@ class RequestMetricsMiddleware(PrometheusMiddleware):
         key = (method, route, status)
         children = self._finished.get(key)
         if children is None:
-            labels = self._labels(method, route, status)
-            values = labels.values()
             children = self._finished[key] = (
-                self.request_count(labels).labels(*values),
-                self.request_time(labels).labels(*values),
-                self.requests_error_count(labels).labels(*values) if status >= 500 else None,
+                self._child(self.request_count, method, route, status),
+                self._child(self.request_time, method, route, status),
+                self._child(self.requests_error_count, method, route, status) if status >= 500 else None,
             )
         return children
 
-    def _labels(self, method: str, route: str, status: int) -> dict[str, str | int | float]:
-        return {"method": method, "path": route, "status_code": status, "app_name": self._config.app_name}
+    def _child(self, metric: Callable[[dict[str, Any]], Any], method: str, route: str, status: int) -> Any:
+        """`metric`'s child for these labels (the metric is registered on first use, as Litestar does)."""
+        labels = {"method": method, "path": route, "status_code": status, "app_name": self._config.app_name}
+        return metric(labels).labels(*labels.values())
 
 
 def metrics_config() -> PrometheusConfig:

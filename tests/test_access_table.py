@@ -35,7 +35,7 @@ CONDITIONAL_ROUTES = {
 
 
 def table_keys(app: Litestar) -> set[tuple[str, str]]:
-    """(method, path template) of every route the app serves, as the route table (api/access.py) is consulted for them."""
+    """(method, path template) of every route the app serves, as api/access.py looks them up."""
     keys: set[tuple[str, str]] = set()
     for route in app.routes:
         if isinstance(route, HTTPRoute):
