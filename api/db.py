@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -17,10 +18,11 @@ log = logging.getLogger("telehealth.db")
 
 Connection = asyncpg.Connection  # re-exported for type hints in the domains
 Pool = asyncpg.Pool
+PooledConnection = asyncpg.pool.PoolConnectionProxy
 
 
 async def _no_session_reset(conn: Connection) -> None:
-    """Skip asyncpg's per-release `RESET ALL …` round trip.
+    """Skip asyncpg's `RESET ALL …` round trip when a connection goes back to its pool.
 
     Pooled connections never carry session state here (no SET, LISTEN or advisory locks:
     those use their own direct connections); an open transaction is still rolled back by asyncpg.
@@ -28,37 +30,97 @@ async def _no_session_reset(conn: Connection) -> None:
 
 
 class FairPool:
-    """The asyncpg pool behind a first-come-first-served gate.
+    """asyncpg's pool with a first-come-first-served fast path in front of it.
 
-    asyncpg hands a just-released connection to whichever task asks next, so under load a
-    request can lose its turn again and again (p99 of hundreds of ms at 64 connections on a
-    pool of 10, bench/README.md). The FIFO semaphore serves waiters in arrival order.
+    Two things asyncpg's own acquire and release do not give under load (bench/README.md):
+    - Order. asyncpg hands a released connection to whichever task asks next, so a request
+      could lose its turn again and again (p99 of hundreds of ms at 64 connections on a pool
+      of 10). Here waiters are served in arrival order.
+    - Cost. Its acquire and release take about 100 µs of CPU together (holder bookkeeping and a
+      shielded task per release), as much as the query they wrap. Here a connection that comes
+      back clean goes straight to the next waiter or the idle list.
+
+    asyncpg's pool still opens every connection and cleans up every one that may not be clean:
+    a body that ended with an exception (a query cancelled or timed out midway, a lost backend),
+    one left in a transaction or closed, and every `RECYCLE_EVERY`-th release (so its
+    `max_queries` and expiry rules still apply); such a connection leaves the fast path and its
+    place is filled from asyncpg again.
     """
+
+    RECYCLE_EVERY = 1000
 
     def __init__(self, pool: Pool, size: int) -> None:
         self.pool = pool
-        self._gate = asyncio.Semaphore(size)
+        self._idle: collections.deque[PooledConnection] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[PooledConnection | None]] = collections.deque()
+        self._vacant = size  # places holding no connection yet: filled from asyncpg's pool on demand
+        self._released = 0
+        self._closing = False
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[Connection]:
-        await self._gate.acquire()
+        conn = await self._take()
         try:
-            conn = await self.pool.acquire()
+            yield conn  # type: ignore[misc]  # a proxy that behaves as the connection
         except BaseException:
-            self._gate.release()
+            await self._recycle(conn)
             raise
+        self._released += 1
+        if (
+            self._closing
+            or conn.is_closed()
+            or conn.is_in_transaction()
+            or self._released % self.RECYCLE_EVERY == 0
+        ):
+            await self._recycle(conn)
+        else:
+            self._hand_over(conn)
+
+    async def _take(self) -> PooledConnection:
+        if not self._waiters:
+            if self._idle:
+                return self._idle.pop()  # the most recently used: its backend is warm
+            if self._vacant:
+                return await self._fill()
+        waiter: asyncio.Future[PooledConnection | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            yield conn  # type: ignore[misc]
-        finally:
-            # The next waiter's turn starts now, not once the connection is back: asyncpg returns
-            # it from a task of its own (shielded), a loop turn or two later (milliseconds each
-            # under load, the connection idle meanwhile), and the waiter takes it from asyncpg's
-            # FIFO queue as soon as it is there. At most `size` holders of the gate still share
-            # `size` connections, in arrival order.
-            self._gate.release()
-            await self.pool.release(conn)
+            handed = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed over just as it was cancelled
+                self._hand_over(waiter.result())
+            raise
+        return handed if handed is not None else await self._fill()
+
+    async def _fill(self) -> PooledConnection:
+        self._vacant -= 1
+        try:
+            return await self.pool.acquire()
+        except BaseException:
+            self._vacant += 1
+            self._hand_over(None)  # the next waiter tries (and answers its request) in turn
+            raise
+
+    async def _recycle(self, conn: PooledConnection) -> None:
+        """Back to asyncpg's pool, which rolls back, waits out a cancellation, or closes it."""
+        self._vacant += 1
+        self._hand_over(None)
+        await self.pool.release(conn)
+
+    def _hand_over(self, conn: PooledConnection | None) -> None:
+        """A connection (None: a vacant place) to the first waiter still waiting, else kept."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        if conn is not None:
+            self._idle.append(conn)
 
     async def close(self) -> None:
+        self._closing = True
+        while self._idle:
+            await self.pool.release(self._idle.pop())
         await self.pool.close()
 
 
