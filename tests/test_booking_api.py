@@ -11,6 +11,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.conftest import make_settings
@@ -294,6 +295,19 @@ async def test_booking_a_free_slot(client, db, issuer):
     assert [a["id"] for a in upcoming.json()["items"]] == [body["id"]]
     past = await client.get("/v1/appointments", params={"scope": "past"}, headers=patient.headers)
     assert past.json()["items"] == []
+
+
+async def test_an_appointments_doctor_service_and_facility_are_its_schedules(client, db, issuer):
+    clinic = await own_clinic(db, HOME)
+    other = await own_clinic(db, HOME)  # another doctor and service at the same facility
+    body = await booked(client, await sign_in(client, issuer), clinic, clinic_at(day(3), "09:00"))
+    for column, value in (("doctor_id", other.doctor_id), ("service_id", other.service_id)):
+        with pytest.raises(asyncpg.ForeignKeyViolationError, match="appointments_schedule_fkey"):
+            await db.execute(
+                f"UPDATE appointments SET {column} = $2 WHERE id = $1", uuid.UUID(body["id"]), value
+            )
+    stored = await row(db, body["id"])
+    assert (stored["doctor_id"], stored["service_id"]) == (clinic.doctor_id, clinic.service_id)
 
 
 async def test_a_video_visit_has_no_queue_number(client, db, issuer):
