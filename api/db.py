@@ -53,7 +53,7 @@ class FairPool:
         self.pool = pool
         self._idle: collections.deque[PooledConnection] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[PooledConnection | None]] = collections.deque()
-        self._vacant = size  # places holding no connection yet: filled from asyncpg's pool on demand
+        self._vacant = size  # places with no connection, promised to nobody: filled from asyncpg on demand
         self._released = 0
         self._closing = False
 
@@ -80,7 +80,8 @@ class FairPool:
         if not self._waiters:
             if self._idle:
                 return self._idle.pop()  # the most recently used: its backend is warm
-            if self._vacant:
+            if self._vacant > 0:
+                self._vacant -= 1
                 return await self._fill()
         waiter: asyncio.Future[PooledConnection | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -93,28 +94,31 @@ class FairPool:
         return handed if handed is not None else await self._fill()
 
     async def _fill(self) -> PooledConnection:
-        self._vacant -= 1
+        """A connection from asyncpg's pool for a place already taken off `_vacant`."""
         try:
             return await self.pool.acquire()
         except BaseException:
-            self._vacant += 1
             self._hand_over(None)  # the next waiter tries (and answers its request) in turn
             raise
 
     async def _recycle(self, conn: PooledConnection) -> None:
         """Back to asyncpg's pool, which rolls back, waits out a cancellation, or closes it."""
-        self._vacant += 1
         self._hand_over(None)
         await self.pool.release(conn)
 
     def _hand_over(self, conn: PooledConnection | None) -> None:
-        """A connection (None: a vacant place) to the first waiter still waiting, else kept."""
+        """A connection, or a vacant place (None), that its holder gives up: to the first waiter
+        still waiting, else kept. A place handed to a waiter is its own: it is counted in
+        `_vacant` only when nobody waits, so a request arriving before that waiter runs cannot
+        fill the same place."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(conn)
                 return
-        if conn is not None:
+        if conn is None:
+            self._vacant += 1
+        else:
             self._idle.append(conn)
 
     async def close(self) -> None:

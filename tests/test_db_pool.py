@@ -130,3 +130,29 @@ async def test_a_killed_backend_fails_its_user_once_then_is_replaced(
     answers = await asyncio.gather(*(_select_one(small_pool) for _ in range(SIZE * 4)))
     assert answers == [1] * (SIZE * 4)
     assert pid not in {await backend_pid(small_pool) for _ in range(SIZE)}
+
+
+async def test_a_freed_place_promised_to_a_waiter_is_not_taken_by_a_newcomer(database_url: str) -> None:
+    """A connection dropped after an error frees its place for the first waiter; a request that
+    arrives before that waiter runs must queue behind it, not fill the same place (both used to
+    fill it: one waited for asyncpg forever, and the pool's count of free places went negative)."""
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    go = asyncio.Event()
+
+    async def newcomer() -> None:
+        await go.wait()  # woken just before the waiter below is handed the freed place
+        await _take_turn(pool, 2, order)
+
+    order: list[int] = []
+    try:
+        late = asyncio.create_task(newcomer())
+        with pytest.raises(ZeroDivisionError):
+            async with pool.acquire():
+                waiter = asyncio.create_task(_take_turn(pool, 1, order))
+                await asyncio.sleep(0)  # queued for the only connection
+                go.set()
+                raise ZeroDivisionError  # the connection goes back to asyncpg: a freed place
+        await asyncio.wait_for(asyncio.gather(waiter, late), timeout=10)
+    finally:
+        await asyncio.wait_for(pool.close(), timeout=10)
+    assert order == [1, 2]
