@@ -297,6 +297,9 @@ class StormResult:
     post_max_ms: float = 0.0
     refresh_p50_ms: float = 0.0
     refresh_p99_ms: float = 0.0
+    # The floor: as many bare GET /health/live requests, one per patient's connection, sent at once.
+    floor_p50_ms: float = 0.0
+    floor_p99_ms: float = 0.0
     statuses: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
 
@@ -771,6 +774,33 @@ async def storm(
     return result, listed
 
 
+async def storm_floor(server: Server, patients: int) -> tuple[float, float]:
+    """p50 and p99 of `patients` bare requests (GET /health/live: no token, no database) sent at
+    once on as many open connections: what no route of this server can beat in the storm."""
+    conns = [Conn(server.port) for _ in range(patients)]
+    go = asyncio.Event()
+    latency: list[float] = []
+
+    async def ask(conn: Conn) -> None:
+        await go.wait()
+        started = time.perf_counter()
+        status, _ = await conn.request("GET", "/health/live")
+        if status != 200:
+            raise BenchError(f"GET /health/live answered {status}")
+        latency.append(time.perf_counter() - started)
+
+    try:
+        await asyncio.gather(*(c.open() for c in conns))
+        tasks = [asyncio.create_task(ask(c)) for c in conns]
+        await asyncio.sleep(0.5)  # every request waits at the start line
+        go.set()
+        await asyncio.gather(*tasks)
+    finally:
+        for conn in conns:
+            conn.close()
+    return 1000 * percentile(latency, 50), 1000 * percentile(latency, 99)
+
+
 async def _get(port: int, path: str) -> bytes | None:
     conn = Conn(port)
     try:
@@ -1028,6 +1058,8 @@ def print_report(
             f"{s.gave_up} left without a slot, {s.stopped} stopped by errors)\n"
             f"  POST latency         p50 {s.post_p50_ms:.0f} ms, p99 {s.post_p99_ms:.0f} ms, "
             f"max {s.post_max_ms:.0f} ms\n"
+            f"  floor                {s.patients} bare GET /health/live sent at once: p50 {s.floor_p50_ms:.0f} ms, "
+            f"p99 {s.floor_p99_ms:.0f} ms\n"
             f"  CPU cores            server {s.cpu['cpu_server']:.2f} / pg {s.cpu['cpu_postgres']:.2f} / "
             f"clients {s.cpu['cpu_clients']:.2f} / other {s.cpu['cpu_other']:.2f}\n"
             f"  other                irq+softirq {s.cpu['cpu_other_irq']:.2f}; {s.cpu['cpu_other_top'] or '-'}"
@@ -1181,6 +1213,13 @@ def bench(args: argparse.Namespace, workdir: Path, report: dict[str, Any]) -> bo
         with profiled(args, server, workdir, "storm"):
             storm_result, _ = asyncio.run(storm(args, server, setup, patients, release, path))
         verify_storm(server, setup, storm_result)
+        wait_quiet(args, "storm floor", report)
+        storm_result.floor_p50_ms, storm_result.floor_p99_ms = asyncio.run(storm_floor(server, args.patients))
+        print(
+            f"  storm floor: {args.patients} GET /health/live at once: p50 {storm_result.floor_p50_ms:.0f} ms, "
+            f"p99 {storm_result.floor_p99_ms:.0f} ms",
+            flush=True,
+        )
         report["storm"] = asdict(storm_result)
 
         plan = sustained_plan(server, setup, patients)
