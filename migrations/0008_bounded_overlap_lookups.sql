@@ -9,7 +9,8 @@
 -- btree index can use and the range overlap the GiST index can use, so whichever index the plan
 -- picks reads only the appointments near that time. The count lives in one function,
 -- booking_places_taken; book_appointment, booking_take_place and booking_patient_refusal are
--- the 0006 functions with their lookups written this way.
+-- the 0006 functions with their lookups written this way (and book_appointment's two answers
+-- to a used Idempotency-Key in one function, booking_key_used).
 
 -- Places of the doctor's slot held right now (a hold counts until it expires). Called from the
 -- functions below, whose plan settings it runs under.
@@ -104,6 +105,28 @@ BEGIN
 END
 $$;
 
+-- The answer to a request under an Idempotency-Key used before: `replay` with the kept status and
+-- body for the same request, `idempotency_key_reused` for another; all NULL for a new key.
+CREATE FUNCTION booking_key_used(
+    p_user uuid, p_key text, p_hash bytea, OUT outcome text, OUT replay_status integer, OUT replay_body jsonb
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_seen record;
+BEGIN
+    SELECT request_hash, status_code, response INTO v_seen
+      FROM idempotency_keys WHERE user_id = p_user AND key = p_key;
+    IF NOT FOUND THEN
+        RETURN;
+    ELSIF v_seen.request_hash <> p_hash THEN
+        outcome := 'idempotency_key_reused';
+    ELSE
+        outcome := 'replay';
+        replay_status := v_seen.status_code;
+        replay_body := v_seen.response;
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION book_appointment(
     p_user uuid, p_key text, p_route text, p_hash bytea, p_response jsonb,
     p_id uuid, p_patient uuid, p_facility uuid, p_doctor uuid, p_service uuid, p_schedule uuid,
@@ -114,7 +137,6 @@ CREATE OR REPLACE FUNCTION book_appointment(
     OUT outcome text, OUT replay_status integer, OUT replay_body jsonb, OUT number integer
 ) LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
 DECLARE
-    v_seen record;
     v_refusal text;
     v_row appointments;
 BEGIN
@@ -122,17 +144,8 @@ BEGIN
     -- taking any lock (the constraint still decides the close calls). A retry of a booking that
     -- took the last place is answered as before.
     IF booking_places_taken(p_doctor, p_start, p_end) >= p_capacity THEN
-        SELECT request_hash, status_code, response INTO v_seen
-          FROM idempotency_keys WHERE user_id = p_user AND key = p_key;
-        IF NOT FOUND THEN
-            outcome := 'slot_taken';
-        ELSIF v_seen.request_hash <> p_hash THEN
-            outcome := 'idempotency_key_reused';
-        ELSE
-            outcome := 'replay';
-            replay_status := v_seen.status_code;
-            replay_body := v_seen.response;
-        END IF;
+        SELECT * INTO outcome, replay_status, replay_body FROM booking_key_used(p_user, p_key, p_hash);
+        outcome := coalesce(outcome, 'slot_taken');
         RETURN;
     END IF;
     IF coalesce((SELECT version FROM slot_versions WHERE doctor_id = p_doctor AND day = '-infinity'), 0)
@@ -142,16 +155,8 @@ BEGIN
     END IF;
     -- The key, as api/idempotency.py claims it: a retry racing the original waits, then replays.
     PERFORM pg_advisory_xact_lock(hashtextextended(p_user::text || ':' || p_key, 0));
-    SELECT request_hash, status_code, response INTO v_seen
-      FROM idempotency_keys WHERE user_id = p_user AND key = p_key;
-    IF FOUND THEN
-        IF v_seen.request_hash <> p_hash THEN
-            outcome := 'idempotency_key_reused';
-        ELSE
-            outcome := 'replay';
-            replay_status := v_seen.status_code;
-            replay_body := v_seen.response;
-        END IF;
+    SELECT * INTO outcome, replay_status, replay_body FROM booking_key_used(p_user, p_key, p_hash);
+    IF outcome IS NOT NULL THEN
         RETURN;
     END IF;
     -- Someone else's patient is indistinguishable from nobody.
