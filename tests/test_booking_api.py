@@ -8,6 +8,7 @@ database never makes one test see another's appointments. Rows are checked in th
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from typing import Any
 
@@ -23,6 +24,7 @@ from tests.factories import (
     clinic_at,
     clinic_today,
     grant_staff,
+    insert_user,
     own_clinic,
     serve,
     sign_in,
@@ -308,6 +310,39 @@ async def test_an_appointments_doctor_service_and_facility_are_its_schedules(cli
             )
     stored = await row(db, body["id"])
     assert (stored["doctor_id"], stored["service_id"]) == (clinic.doctor_id, clinic.service_id)
+
+
+async def test_counting_a_slots_places_reads_that_time_not_the_doctors_history(db):
+    """The booking functions keep generic plans (migration 0006). Whichever index such a plan
+    uses, counting the places taken in a slot reads the appointments near that time only
+    (migration 0008); it used to read every visit the doctor ever had."""
+    clinic = await own_clinic(db, HOME)
+    patient = await insert_user(db)
+    first = dt.datetime(2031, 1, 6, 1, 0, tzinfo=dt.UTC)
+    await db.execute(
+        """INSERT INTO appointments (patient_id, booked_by, facility_id, doctor_id, service_id, schedule_id,
+                                     starts_at, ends_at, mode, status, seat)
+           SELECT $1, $1, $2, $3, $4, $5, $6::timestamptz + n * interval '15 minutes',
+                  $6::timestamptz + (n + 1) * interval '15 minutes',
+                  'in_person', 'booked', 1
+             FROM generate_series(0, 4999) n""",
+        patient,
+        clinic.facility_id,
+        clinic.doctor_id,
+        clinic.service_id,
+        clinic.schedule_id,
+        first,
+    )
+    start = first + dt.timedelta(days=30)
+    args = (clinic.doctor_id, start, start + dt.timedelta(minutes=15))
+    count = "SELECT booking_places_taken($1, $2, $3)"
+    async with db.transaction():
+        await db.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await db.execute("SET LOCAL enable_seqscan = off")
+        assert await db.fetchval(count, *args) == 1  # plans it, and reads the catalogue once
+        plan = json.loads(await db.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {count}", *args))
+    pages = plan[0]["Plan"]["Shared Hit Blocks"] + plan[0]["Plan"]["Shared Read Blocks"]
+    assert pages < 40, plan  # 5,000 visits fill well over 100 pages of table and index
 
 
 async def test_a_video_visit_has_no_queue_number(client, db, issuer):
