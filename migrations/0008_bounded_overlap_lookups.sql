@@ -1,9 +1,11 @@
--- Every booking looked at the doctor's whole history. The booking functions of migration 0006 keep
--- generic plans, and PostgreSQL's generic plan for "places taken in this slot" scanned the
--- exclusion constraint's GiST index on `doctor_id = $1` alone, reading every appointment the
--- doctor ever had and filtering on time (9,199 rows and 3.8 ms for a doctor with 9,200 visits;
--- bench/README.md, "Booking"). The check for stale holds in the way read every doctor's
--- appointments of that day through the btree's time bound, the doctor and patient being OR-ed.
+-- A booking could read the doctor's whole history. The booking functions of migration 0006 keep
+-- generic plans, and while `appointments` had no statistics (a new database before autovacuum's
+-- first ANALYZE, or autovacuum off, as on the benchmark machines) PostgreSQL's generic plan for
+-- "places taken in this slot" scanned the exclusion constraint's GiST index on `doctor_id = $1`
+-- alone, reading every appointment the doctor ever had and filtering on time (9,199 rows and
+-- 3.8 ms for a doctor with 9,200 visits; bench/README.md, "Booking"); the check for stale holds
+-- in the way read every doctor's appointments of that day. With statistics the planner chose
+-- the btree, but a kept plan is only as good as the statistics it was made with.
 --
 -- Each overlap lookup now names its doctor (or patient) together with both a time bound the
 -- btree index can use and the range overlap the GiST index can use, so whichever index the plan

@@ -315,7 +315,8 @@ async def test_an_appointments_doctor_service_and_facility_are_its_schedules(cli
 async def test_counting_a_slots_places_reads_that_time_not_the_doctors_history(db):
     """The booking functions keep generic plans (migration 0006). Whichever index such a plan
     uses, counting the places taken in a slot reads the appointments near that time only
-    (migration 0008); it used to read every visit the doctor ever had."""
+    (migration 0008); a plan made before the table had statistics used to read every visit the
+    doctor ever had."""
     clinic = await own_clinic(db, HOME)
     patient = await insert_user(db)
     first = dt.datetime(2031, 1, 6, 1, 0, tzinfo=dt.UTC)
