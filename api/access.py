@@ -15,7 +15,7 @@ from litestar.types import Scope
 from api.errors import ApiError
 
 if TYPE_CHECKING:
-    from api.identity.current_user import CurrentUser
+    from api.identity.current_user import CurrentUser, SessionToken
 
 PUBLIC: Final = "public"
 Rule = frozenset[str] | Literal["public"]
@@ -104,7 +104,7 @@ def rule_for(method: str, path_template: str) -> Rule | None:
     return ROUTE_ROLES.get(("GET" if method == "HEAD" else method, path_template))
 
 
-def authorize(scope: Scope, user: CurrentUser | None) -> None:
+def authorize(scope: Scope, user: CurrentUser | SessionToken | None) -> None:
     """Look the route up in the table and compare with the caller's roles.
 
     Called by the bearer-authentication middleware (api/identity/current_user.py) as soon as it

@@ -13,7 +13,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -55,15 +55,21 @@ Errors are RFC 9457 problem details with a stable `code` and a message in the ca
 
 
 def _redis_client(settings: Settings) -> Redis | None:
+    """One client per process. Its pool waits for a free connection: redis-py's default pool
+    raises `Too many connections` past 100, which a burst of requests (200 patients booking at
+    once) turned into 500s."""
     if not settings.redis_url:
         return None
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=64,
+        timeout=settings.outbound_timeout_seconds,
         retry=Retry(ExponentialBackoff(cap=2, base=0.05), retries=5),
         socket_timeout=settings.outbound_timeout_seconds,
         socket_connect_timeout=settings.outbound_timeout_seconds,
         health_check_interval=15,
     )
+    return Redis.from_pool(pool)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:

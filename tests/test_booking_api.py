@@ -541,6 +541,29 @@ async def test_a_retry_with_the_same_key_gets_the_first_answer(client, db, issue
     assert other.status_code == 201 and "idempotent-replayed" not in other.headers
 
 
+@pytest.mark.parametrize("everywhere", [False, True])
+async def test_a_booking_needs_a_live_session(client, db, issuer, everywhere):
+    """Booking checks the session in its own statement (book_appointment): after logout, or
+    logout everywhere, the token still verifies but books nothing, replays nothing and learns
+    nothing about the slot."""
+    clinic = await own_clinic(db, HOME)
+    patient = await sign_in(client, issuer)
+    start = clinic_at(day(3), "09:00")
+    key = str(uuid.uuid4())
+    await booked(client, patient, clinic, start, key=key)
+    logout = await client.post("/v1/auth/logout", json={"everywhere": everywhere}, headers=patient.headers)
+    assert logout.status_code == 204, logout.text
+    patient_id = await user_id(patient)
+    for attempt in (
+        book(client, patient, clinic, clinic_at(day(3), "10:00")),  # a free slot
+        book(client, patient, clinic, start, key=key),  # the same request again: no replay either
+        book(client, patient, clinic, clinic_at(day(3), "09:07")),  # not a slot
+    ):
+        problem(await attempt, 401, "invalid_token")
+    assert await db.fetchval("SELECT count(*) FROM appointments WHERE patient_id = $1", patient_id) == 1
+    assert await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE user_id = $1", patient_id) == 1
+
+
 async def test_the_key_is_required(client, db, issuer):
     clinic = await own_clinic(db, HOME)
     patient = await sign_in(client, issuer)

@@ -24,6 +24,8 @@ from api.db import FairPool
 from api.errors import ApiError
 from api.idempotency import request_digest
 from api.identity.cccd import matches, parse_cccd_qr
+from api.identity.current_user import SessionToken
+from api.identity.queries import session_is_live
 from api.payments.refunds import refund_invoice
 from api.settings import Settings
 from notifications.templates import check_params
@@ -139,13 +141,14 @@ async def book(
     pool: FairPool,
     schedule_cache: ScheduleCache,
     settings: Settings,
-    user_id: uuid.UUID,
+    caller: SessionToken,
     data: AppointmentCreate,
     key: str | None,
     now: dt.datetime,
 ) -> Booked:
-    """POST /v1/appointments: one statement, `book_appointment` (migration 0006), outside any
-    transaction, so one round trip and no lock held while Python runs.
+    """POST /v1/appointments: one statement, `book_appointment` (migrations 0006 and 0008), outside
+    any transaction, so one round trip (the caller's session is checked there too) and no lock
+    held while Python runs.
 
     The slot is found in this process's copy of the doctor's schedules; the statement refuses
     with `stale` if they changed since, and they are read again. Everything else is decided
@@ -154,6 +157,7 @@ async def book(
     """
     if not key:
         raise ApiError("idempotency_key_required")
+    user_id = caller.id
     digest = request_digest(ROUTE, data)
     patient_id = data.patient_id or user_id
     fresh = False
@@ -164,7 +168,7 @@ async def book(
             if not fresh:
                 fresh = True  # maybe a schedule added a moment ago: check with the database
                 continue
-            return await _refused(pool, user_id, patient_id, key, digest, found)
+            return await _refused(pool, caller, patient_id, key, digest, found)
         schedule, slot = found
         held = schedules.prepaid
         appointment = AppointmentOut(
@@ -188,6 +192,8 @@ async def book(
             try:
                 row = await queries.book_appointment(
                     conn,
+                    caller.session_id,
+                    caller.issued_at,
                     user_id,
                     key,
                     ROUTE,
@@ -233,11 +239,14 @@ async def book(
 
 
 async def _refused(
-    pool: FairPool, user_id: uuid.UUID, patient_id: uuid.UUID, key: str, digest: bytes, refusal: str
+    pool: FairPool, caller: SessionToken, patient_id: uuid.UUID, key: str, digest: bytes, refusal: str
 ) -> Booked:
-    """The slot asked for is not one (or not open): as before any other check, a key used before
-    is answered first, then someone else's patient is not found."""
+    """The slot asked for is not one (or not open): as before any other check, the session is
+    checked, a key used before is answered, then someone else's patient is not found."""
+    user_id = caller.id
     async with pool.acquire() as conn:
+        if not await session_is_live(conn, user_id, caller.session_id, caller.issued_at):
+            raise ApiError("invalid_token")
         seen = await queries.idempotency_record(conn, user_id, key)
         if seen is not None:
             if bytes(seen["request_hash"]) != digest:

@@ -352,11 +352,11 @@ async def take_place(
 
 
 async def book_appointment(conn: asyncpg.Connection, *args: Any) -> asyncpg.Record:
-    """book_appointment (migration 0006): a whole POST /v1/appointments in one statement."""
+    """book_appointment (migration 0008): a whole POST /v1/appointments in one statement."""
     row: asyncpg.Record | None = await conn.fetchrow(
         """SELECT outcome, replay_status, replay_body, number
              FROM book_appointment($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                                   $18, $19, $20, $21, $22, $23, $24, $25, $26)""",
+                                   $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)""",
         *args,
     )
     assert row is not None

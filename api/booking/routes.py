@@ -27,7 +27,7 @@ from api.booking.models import (
 )
 from api.errors import BEARER, ApiError, error_responses
 from api.idempotency import IdempotencyKey, idempotent
-from api.identity.current_user import SignedInRequest
+from api.identity.current_user import SESSION_CHECKED_BY_STATEMENT, SignedInRequest, TokenRequest
 from api.pagination import Cursor, Limit, decode_cursor, next_cursor
 
 APPOINTMENT_ERRORS = ("unauthorized", "not_found", "invalid_transition")
@@ -101,15 +101,17 @@ class AppointmentController(Controller):
             "idempotency_key_required",
             "idempotency_key_reused",
         ),
+        opt={SESSION_CHECKED_BY_STATEMENT: True},
     )
     async def create(
         self,
-        request: SignedInRequest,
+        request: TokenRequest,
         state: State,
         data: JSONBody[AppointmentCreate],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[AppointmentOut]:
-        # No `db` here: the booking is one statement (booking.book), on a connection taken for it.
+        # No `db` here: the booking is one statement (booking.book), on a connection taken for it,
+        # and that statement checks the session too.
         await state.rate_limiter.hit(
             "booking", str(request.user.id), limit=state.settings.booking_rate_per_minute
         )
@@ -117,7 +119,7 @@ class AppointmentController(Controller):
             state.db_pool,
             state.booking_schedules,
             state.settings,
-            request.user.id,
+            request.user,
             data,
             idempotency_key,
             utcnow(),

@@ -63,13 +63,32 @@ class CurrentUser(msgspec.Struct, frozen=True):
 SignedInRequest = Request[CurrentUser, Any, Any]
 """A request that passed the bearer check: `request.user` is the caller."""
 
+SESSION_CHECKED_BY_STATEMENT = "session_checked_by_statement"
+"""Route opt: the route's one statement checks the caller's session itself (live_session, migration 0008), so
+the bearer check verifies the token only and the request makes one round trip, not two."""
+
+
+class SessionToken(msgspec.Struct, frozen=True):
+    """The caller of a `SESSION_CHECKED_BY_STATEMENT` route: what its verified access token says.
+    Every signed-in person is a citizen; the session is not known to be live until the route's
+    statement has said so."""
+
+    id: uuid.UUID
+    session_id: uuid.UUID
+    issued_at: int
+    roles: frozenset[str] = frozenset({"citizen"})
+
+
+TokenRequest = Request[SessionToken, Any, Any]
+"""A request to a `SESSION_CHECKED_BY_STATEMENT` route whose token is valid."""
+
 
 class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
     """Sets `request.user` from `Authorization: Bearer <access JWT>`, then applies the route table.
 
     No header means anonymous. The user, roles and session are read from the database on every
     request, so logout, logout-everywhere and a removed staff role take effect on the next
-    request. Whether the caller may use the route is `api.access.authorize`'s decision, made here
+    request (on a `SESSION_CHECKED_BY_STATEMENT` route, by that route's statement). Whether the caller may use the route is `api.access.authorize`'s decision, made here
     once the caller is known (deny by default).
     """
 
@@ -92,6 +111,8 @@ class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
             claims = state.verified_tokens.verify(state.settings, token.strip())
         except InvalidToken:
             raise ApiError("invalid_token") from None
+        if connection.scope["route_handler"].opt.get(SESSION_CHECKED_BY_STATEMENT):
+            return AuthenticationResult(user=SessionToken(claims.sub, claims.sid, claims.iat), auth=claims)
         async with state.db_pool.acquire() as conn:
             row = await load_current_user(conn, claims.sub, claims.sid, claims.iat)
         if row is None:

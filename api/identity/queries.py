@@ -150,16 +150,17 @@ async def revoke_all_sessions(conn: asyncpg.Connection, user_id: uuid.UUID, reas
 
 
 # One round trip per authenticated request: the profile, its roles, and whether the session
-# and the token's issue time are still honoured. Memberships come unsorted (CurrentUser sorts
-# them): an aggregate with ORDER BY made this query a fifth more expensive for PostgreSQL.
+# and the token's issue time are still honoured (live_session, migration 0008: the rule
+# book_appointment applies too). Memberships come unsorted (CurrentUser sorts them): an
+# aggregate with ORDER BY made this query a fifth more expensive for PostgreSQL.
 _CURRENT_USER = f"""
 SELECT {_USER_COLUMNS},
        EXISTS (SELECT 1 FROM guardianships g WHERE g.guardian_id = u.id) AS is_guardian,
        ARRAY(SELECT st.facility_id::text || ':' || st.role
                FROM staff st WHERE st.personal_id = u.personal_id) AS memberships
   FROM users u
-  JOIN auth_sessions s ON s.id = $2 AND s.user_id = u.id AND s.revoked_at IS NULL
- WHERE u.id = $1 AND u.tokens_valid_after < to_timestamp($3::bigint + 1)
+  JOIN live_session($1, $2, $3) live ON live.user_id = u.id
+ WHERE u.id = $1
 """
 
 
@@ -167,6 +168,16 @@ async def load_current_user(
     conn: asyncpg.Connection, user_id: uuid.UUID, session_id: uuid.UUID, issued_at: int
 ) -> asyncpg.Record | None:
     return await conn.fetchrow(_CURRENT_USER, user_id, session_id, issued_at)
+
+
+async def session_is_live(
+    conn: asyncpg.Connection, user_id: uuid.UUID, session_id: uuid.UUID, issued_at: int
+) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM live_session($1, $2, $3))", user_id, session_id, issued_at
+        )
+    )
 
 
 async def update_profile(conn: asyncpg.Connection, user_id: uuid.UUID, changes: dict[str, Any]) -> None:
