@@ -64,8 +64,8 @@ SignedInRequest = Request[CurrentUser, Any, Any]
 """A request that passed the bearer check: `request.user` is the caller."""
 
 SESSION_CHECKED_BY_STATEMENT = "session_checked_by_statement"
-"""Route opt: the route's one statement checks the caller's session itself (live_session, migration 0008), so
-the bearer check verifies the token only and the request makes one round trip, not two."""
+"""Route opt: the route's one statement checks the caller's session itself (live_session,
+migration 0008), so the bearer check verifies the token only: one round trip, not two."""
 
 
 class SessionToken(msgspec.Struct, frozen=True):
@@ -88,8 +88,9 @@ class BearerAuthenticationMiddleware(AbstractAuthenticationMiddleware):
 
     No header means anonymous. The user, roles and session are read from the database on every
     request, so logout, logout-everywhere and a removed staff role take effect on the next
-    request (on a `SESSION_CHECKED_BY_STATEMENT` route, by that route's statement). Whether the caller may use the route is `api.access.authorize`'s decision, made here
-    once the caller is known (deny by default).
+    request (on a `SESSION_CHECKED_BY_STATEMENT` route, the route's statement checks the
+    session). Whether the caller may use the route is `api.access.authorize`'s decision, made
+    here once the caller is known (deny by default).
     """
 
     async def authenticate_request(
