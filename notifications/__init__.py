@@ -4,6 +4,6 @@ Domain code tells people things with `enqueue` inside its own transaction; the w
 (`notifications.worker`) pushes them; the inbox routes live in `api/notifications/`.
 """
 
-from notifications.outbox import cancel_pending, enqueue, reschedule_pending
+from notifications.outbox import cancel_pending, enqueue
 
-__all__ = ["cancel_pending", "enqueue", "reschedule_pending"]
+__all__ = ["cancel_pending", "enqueue"]

@@ -51,8 +51,8 @@ async def enqueue(
     """Add a notification for `user_id` as part of the caller's transaction.
 
     It exists if and only if that transaction commits. A `dedupe_key` already used enqueues
-    nothing and returns None. `not_before` schedules it (reminders); `subject` names what it is
-    about (`appointment:<id>`) so `cancel_pending` and `reschedule_pending` can find it.
+    nothing and returns None. `not_before` schedules it (a hold about to expire); `subject` names
+    what it is about (`appointment:<id>`) so `cancel_pending` can find it.
     """
     if not conn.is_in_transaction():
         raise RuntimeError("enqueue a notification inside the transaction of the change it reports")
@@ -153,21 +153,6 @@ async def cancel_pending(conn: asyncpg.Connection, subject: str, kinds: Sequence
             WHERE subject = $1 AND push_state = 'pending' AND ($2::text[] IS NULL OR kind = ANY($2))""",
         subject,
         list(kinds) if kinds is not None else None,
-    )
-    return int(result.split()[-1])
-
-
-async def reschedule_pending(
-    conn: asyncpg.Connection, subject: str, kind: str, not_before: dt.datetime, params: Mapping[str, object]
-) -> int:
-    """Move the pending `kind` messages about `subject` to `not_before`, with new params (the new time)."""
-    result: str = await conn.execute(
-        """UPDATE notifications SET not_before = $3, next_attempt_at = $3, params = $4::jsonb
-            WHERE subject = $1 AND kind = $2 AND push_state = 'pending' AND attempts = 0""",
-        subject,
-        kind,
-        not_before,
-        msgspec.json.encode(check_params(kind, params)).decode(),
     )
     return int(result.split()[-1])
 

@@ -1,5 +1,5 @@
 """Starting the background worker: the notification worker, booking housekeeping (expiring
-holds, waitlist offers) and payment housekeeping (reconciliation, refunds), in the API process
+holds, waitlist offers, visit reminders) and payment housekeeping (reconciliation, refunds), in the API process
 (dev) or alone (`telehealth worker`, production)."""
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ database never makes one test see another's appointments. Rows are checked in th
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import uuid
@@ -15,6 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from api.booking.reminders import send_due_reminders
 from tests.conftest import make_settings
 from tests.factories import (
     Citizen,
@@ -25,6 +27,7 @@ from tests.factories import (
     clinic_today,
     grant_staff,
     insert_user,
+    notify,
     own_clinic,
     serve,
     sign_in,
@@ -106,6 +109,31 @@ async def notes(db: Any, appointment_id: Any) -> list[Any]:
         "SELECT user_id, kind, not_before, push_state, params FROM notifications WHERE subject = $1 ORDER BY created_at, kind",
         f"appointment:{appointment_id}",
     )
+
+
+async def reminders_as_of(
+    db: Any, appointment_id: Any, *times: dt.datetime
+) -> list[list[tuple[str, uuid.UUID]]]:
+    """The reminder job run at each of `times` in turn, as if it were then: the reminders it wrote
+    for this appointment each time, (kind, recipient). In a transaction rolled back after, as the
+    job reminds every visit due by then and other tests' visits must not keep its rows."""
+    subject = f"appointment:{appointment_id}"
+    query = (
+        "SELECT id, kind, user_id FROM notifications WHERE subject = $1 AND kind LIKE 'appointment_reminder%'"
+    )
+    written: list[list[tuple[str, uuid.UUID]]] = []
+    seen = {r["id"] for r in await db.fetch(query, subject)}
+    transaction = db.transaction()
+    await transaction.start()
+    try:
+        for now in times:
+            await send_due_reminders(db, now)
+            new = [r for r in await db.fetch(query, subject) if r["id"] not in seen]
+            written.append(sorted((r["kind"], r["user_id"]) for r in new))
+            seen.update(r["id"] for r in new)
+    finally:
+        await transaction.rollback()
+    return written
 
 
 async def user_id(session: Session) -> uuid.UUID:
@@ -610,8 +638,11 @@ async def test_cancel_frees_the_slot_and_cancels_the_reminders(client, db, issue
     assert stored["status"] == "cancelled" and stored["cancelled_at"] is not None
     assert stored["queue_number"] == 1, "a cancelled visit keeps its number"
     states = {n["kind"]: n["push_state"] for n in await notes(db, body["id"])}
-    assert states["appointment_reminder_24h"] == states["appointment_reminder_15m"] == "cancelled"
     assert states["appointment_cancelled"] == "pending"
+    assert stored["next_reminder_at"] is None
+    assert await reminders_as_of(
+        db, body["id"], start - dt.timedelta(hours=24), start - dt.timedelta(minutes=15)
+    ) == [[], []]
     # Once is enough.
     problem(
         await client.post(f"/v1/appointments/{body['id']}/cancel", headers=patient.headers),
@@ -657,9 +688,13 @@ async def test_too_late_to_cancel_or_move(client, db, issuer):
     problem(moved, 409, "too_late_to_cancel")
     stored = await row(db, body["id"])
     assert stored["status"] == "booked" and stored["starts_at"] == soon
-    # Less than a day ahead: the 15-minute reminder only.
-    reminders = {n["kind"]: n["not_before"] for n in await notes(db, body["id"]) if "reminder" in n["kind"]}
-    assert reminders == {"appointment_reminder_15m": soon - dt.timedelta(minutes=15)}
+    # Less than a day ahead: the 15-minute reminder only, never a "tomorrow" one.
+    assert stored["next_reminder_at"] == soon - dt.timedelta(minutes=15)
+    me = await user_id(patient)
+    assert await reminders_as_of(db, body["id"], utcnow(), soon - dt.timedelta(minutes=15)) == [
+        [],
+        [("appointment_reminder_15m", me)],
+    ]
 
 
 # --- reschedule ----------------------------------------------------------------------------------
@@ -694,6 +729,14 @@ async def test_reschedule_moves_the_queue_number_and_the_reminders(client, db, i
         client, await sign_in(client, issuer), clinic, clinic_at(day(5), "08:00")
     )  # number 1 on day 5
     body = await booked(client, patient, clinic, old)
+    # The job wrote the old time's first reminder; quiet hours held its push back.
+    written = await notify(
+        db,
+        await user_id(patient),
+        "appointment_reminder_24h",
+        params={"appointment_id": uuid.UUID(body["id"]), "start": old},
+        subject=f"appointment:{body['id']}",
+    )
     response = await client.post(
         f"/v1/appointments/{body['id']}/reschedule", json={"start": new.isoformat()}, headers=patient.headers
     )
@@ -701,13 +744,18 @@ async def test_reschedule_moves_the_queue_number_and_the_reminders(client, db, i
     assert response.json()["queue_number"] == 2
     stored = await row(db, body["id"])
     assert (stored["queue_day"], stored["queue_number"]) == (day(5), 2)
-    pending = {
-        (n["kind"], n["not_before"]) for n in await notes(db, body["id"]) if n["push_state"] == "pending"
-    }
-    assert ("appointment_reminder_24h", new - dt.timedelta(hours=24)) in pending
-    assert ("appointment_reminder_15m", new - dt.timedelta(minutes=15)) in pending
-    assert not any(n[1] in (old - dt.timedelta(hours=24), old - dt.timedelta(minutes=15)) for n in pending)
-    assert "appointment_rescheduled" in {n[0] for n in pending}
+    assert stored["next_reminder_at"] == new - dt.timedelta(hours=24)
+    assert await db.fetchval("SELECT push_state FROM notifications WHERE id = $1", written) == "cancelled"
+    pending = {n["kind"] for n in await notes(db, body["id"]) if n["push_state"] == "pending"}
+    assert pending == {"appointment_booked", "appointment_rescheduled"}
+    me = await user_id(patient)
+    assert await reminders_as_of(
+        db,
+        body["id"],
+        old - dt.timedelta(minutes=15),
+        new - dt.timedelta(hours=24),
+        new - dt.timedelta(minutes=15),
+    ) == [[], [("appointment_reminder_24h", me)], [("appointment_reminder_15m", me)]]
 
 
 async def test_moving_back_to_the_first_time_keeps_reminders(client, db, issuer):
@@ -722,11 +770,7 @@ async def test_moving_back_to_the_first_time_keeps_reminders(client, db, issuer)
             headers=patient.headers,
         )
         assert response.status_code == 200, response.text
-    pending = {
-        (n["kind"], n["not_before"]) for n in await notes(db, body["id"]) if n["push_state"] == "pending"
-    }
-    assert ("appointment_reminder_24h", first - dt.timedelta(hours=24)) in pending
-    assert ("appointment_reminder_15m", first - dt.timedelta(minutes=15)) in pending
+    assert (await row(db, body["id"]))["next_reminder_at"] == first - dt.timedelta(hours=24)
 
 
 async def test_reschedule_to_a_taken_slot_changes_nothing(client, db, issuer):
@@ -766,6 +810,13 @@ async def test_check_in_with_the_patients_card(client, db, issuer):
     await visit_is_now(db, body["id"], minutes_from_now=61)
     problem(await client.post(url, json={}, headers=patient.headers), 409, "not_check_in_time")
     await visit_is_now(db, body["id"])
+    await notify(  # a reminder the job wrote, its push held back (quiet hours)
+        db,
+        await user_id(patient),
+        "appointment_reminder_15m",
+        params={"appointment_id": uuid.UUID(body["id"]), "start": utcnow()},
+        subject=f"appointment:{body['id']}",
+    )
 
     wrong_birthday = card_qr(citizen, born="01011991")
     problem(
@@ -789,8 +840,9 @@ async def test_check_in_with_the_patients_card(client, db, issuer):
     assert response.json()["status"] == "checked_in"
     stored = await row(db, body["id"])
     assert stored["status"] == "checked_in" and stored["checked_in_at"] is not None
+    assert stored["next_reminder_at"] is None
     reminders = [n["push_state"] for n in await notes(db, body["id"]) if "reminder" in n["kind"]]
-    assert reminders == ["cancelled", "cancelled"]
+    assert reminders == ["cancelled"], "the 15-minute reminder written but not pushed yet is withdrawn"
     problem(await client.post(url, json={}, headers=patient.headers), 409, "invalid_transition")
 
 
@@ -1068,24 +1120,86 @@ async def test_someone_elses_appointment_and_waitlist_entry_are_not_found(client
 # --- notifications ---------------------------------------------------------------------------------
 
 
-async def test_booking_enqueues_the_confirmation_and_two_reminders(client, db, issuer):
+async def test_booking_enqueues_the_confirmation_and_its_reminders_when_due(client, db, issuer):
     clinic = await own_clinic(db, HOME)
-    patient = await sign_in(client, issuer)
+    guardian = await sign_in(
+        client, issuer, Citizen(name="Lò Văn Cha", dependents=[child_of(name="Lò Thị Con")])
+    )
+    child = uuid.UUID((await client.get("/v1/me/dependents", headers=guardian.headers)).json()[0]["id"])
     start = clinic_at(day(3), "10:45")
     before = utcnow()
-    body = await booked(client, patient, clinic, start)
-    sent = {n["kind"]: n for n in await notes(db, body["id"])}
-    assert set(sent) == {"appointment_booked", "appointment_reminder_24h", "appointment_reminder_15m"}
+    body = await booked(client, guardian, clinic, start, patient_id=str(child))
+    sent = {n["kind"]: n for n in await notes(db, body["id"]) if n["user_id"] != child}
+    assert set(sent) == {"appointment_booked"}, "reminders are written when due, not at booking"
     assert (
         before - dt.timedelta(seconds=5)
         <= sent["appointment_booked"]["not_before"]
         <= utcnow() + dt.timedelta(seconds=5)
     )
-    assert sent["appointment_reminder_24h"]["not_before"] == start - dt.timedelta(hours=24)
-    assert sent["appointment_reminder_15m"]["not_before"] == start - dt.timedelta(minutes=15)
-    assert {n["user_id"] for n in sent.values()} == {await user_id(patient)}
-    assert all(n["push_state"] == "pending" for n in sent.values())
+    assert sent["appointment_booked"]["user_id"] == await user_id(guardian)
+    assert sent["appointment_booked"]["push_state"] == "pending"
     assert '"appointment_id"' in sent["appointment_booked"]["params"]
+    assert (await row(db, body["id"]))["next_reminder_at"] == start - dt.timedelta(hours=24)
+    day_before, quarter = start - dt.timedelta(hours=24), start - dt.timedelta(minutes=15)
+    # Each reminder once, when due, to the guardian who booked and to the child.
+    me = await user_id(guardian)
+    written = await reminders_as_of(
+        db,
+        body["id"],
+        day_before - dt.timedelta(minutes=1),
+        day_before,
+        day_before + dt.timedelta(hours=1),
+        quarter,
+        start,
+    )
+    assert written == [
+        [],
+        sorted([("appointment_reminder_24h", me), ("appointment_reminder_24h", child)]),
+        [],
+        sorted([("appointment_reminder_15m", me), ("appointment_reminder_15m", child)]),
+        [],
+    ]
+
+
+async def test_a_reminder_job_that_was_stopped_sends_only_the_latest_reminder(client, db, issuer):
+    clinic = await own_clinic(db, HOME)
+    patient = await sign_in(client, issuer)
+    start = clinic_at(day(3), "10:45")
+    body = await booked(client, patient, clinic, start)
+    me = await user_id(patient)
+    assert await reminders_as_of(db, body["id"], start - dt.timedelta(minutes=10), start) == [
+        [("appointment_reminder_15m", me)],
+        [],
+    ]
+    assert await reminders_as_of(db, body["id"], start + dt.timedelta(minutes=1)) == [[]], "the visit began"
+
+
+async def test_concurrent_reminder_jobs_write_each_reminder_once(client, db, issuer, pool):
+    clinic = await own_clinic(db, HOME)
+    patient = await sign_in(client, issuer)
+    start = clinic_at(day(3), "10:45")
+    body = await booked(client, patient, clinic, start)
+    subject = f"appointment:{body['id']}"
+    jobs = 6
+    all_ran = asyncio.Barrier(jobs)
+
+    async def job() -> int:
+        """One job's pass, rolled back after every job has run (see reminders_as_of)."""
+        async with pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                await send_due_reminders(conn, start - dt.timedelta(hours=24))
+                mine: int = await conn.fetchval(
+                    "SELECT count(*) FROM notifications WHERE subject = $1 AND kind = 'appointment_reminder_24h'",
+                    subject,
+                )
+                await asyncio.wait_for(all_ran.wait(), timeout=30)
+                return mine
+            finally:
+                await transaction.rollback()
+
+    assert sorted(await asyncio.gather(*(job() for _ in range(jobs)))) == [0] * (jobs - 1) + [1]
 
 
 # --- clinic-day edges and the rate limit ----------------------------------------------------------

@@ -223,7 +223,7 @@ async def confirm_payment(pool: Any, appointment_id: uuid.UUID) -> str:
         async with pool.acquire() as conn, conn.transaction():
             row = await queries.get_appointment(conn, appointment_id, lock=True)
             assert row is not None
-            await booking.confirm(conn, row, utcnow())
+            await booking.confirm(conn, row)
     except ApiError as refusal:
         assert refusal.code == "invalid_transition"
         return "refused"
@@ -426,7 +426,11 @@ async def test_a_cancelled_slot_is_offered_to_the_first_waiting_patient_who_acce
             "SELECT kind FROM notifications WHERE subject = $1", f"appointment:{offer['id']}"
         )
     }
-    assert {"waitlist_offer", "appointment_booked", "appointment_reminder_24h"} <= kinds
+    assert {"waitlist_offer", "appointment_booked"} <= kinds
+    reminder = await db.fetchval(
+        "SELECT next_reminder_at FROM appointments WHERE id = $1", uuid.UUID(offer["id"])
+    )
+    assert reminder is not None, "a booked visit plans its reminders"
 
 
 async def test_an_unanswered_offer_lapses_and_passes_to_the_next_entry(settings, db, pool):

@@ -110,36 +110,6 @@ async def test_concurrent_enqueues_with_one_dedupe_key_make_one_row(pool, db):
     assert await db.fetchval("SELECT count(*) FROM notifications WHERE dedupe_key = $1", key) == 1
 
 
-async def test_rescheduling_moves_pending_reminders_and_their_time(db):
-    user_id = await insert_user(db)
-    appointment_id = uuid.uuid4()
-    subject = f"appointment:{appointment_id}"
-    old_start = utcnow() + dt.timedelta(days=3)
-    new_start = old_start + dt.timedelta(days=2)
-    reminder = await notify(
-        db,
-        user_id,
-        "appointment_reminder_24h",
-        params={"appointment_id": appointment_id, "start": old_start},
-        subject=subject,
-        not_before=old_start - dt.timedelta(days=1),
-    )
-    async with db.transaction():
-        moved = await notifications.reschedule_pending(
-            db,
-            subject,
-            "appointment_reminder_24h",
-            new_start - dt.timedelta(days=1),
-            {"appointment_id": appointment_id, "start": new_start},
-        )
-    assert moved == 1
-    row = await db.fetchrow(
-        "SELECT not_before, next_attempt_at, params FROM notifications WHERE id = $1", reminder
-    )
-    assert row["not_before"] == row["next_attempt_at"] == new_start - dt.timedelta(days=1)
-    assert new_start.isoformat() in row["params"]
-
-
 # ---------------------------------------------------------------- sending
 
 

@@ -36,10 +36,8 @@ _ENCODE = msgspec.json.Encoder()
 # could check in days ahead and could then never be marked a no-show.
 CHECK_IN_OPENS = dt.timedelta(hours=1)
 ONCE_PER_APPOINTMENT = frozenset({"appointment_booked", "appointment_cancelled", "appointment_hold_expiring"})
-REMINDERS = (
-    ("appointment_reminder_24h", dt.timedelta(hours=24)),
-    ("appointment_reminder_15m", dt.timedelta(minutes=15)),
-)
+# Written when due (api/booking/reminders.py); those not pushed yet are withdrawn when the visit moves.
+REMINDER_KINDS = ("appointment_reminder_24h", "appointment_reminder_15m")
 
 
 def appointment_out(row: asyncpg.Record, now: dt.datetime) -> AppointmentOut:
@@ -187,7 +185,7 @@ async def book(
             invoice_id=uuid.uuid4() if held else None,
             reason=data.reason,
         )
-        notes = _notes_for_new(appointment, user_id, now)
+        notes = _notes_for_new(appointment, user_id)
         async with pool.acquire() as conn:
             try:
                 row = await queries.book_appointment(
@@ -259,14 +257,15 @@ async def _refused(
 
 
 def _notes_for_new(
-    appointment: AppointmentOut, booked_by: uuid.UUID, now: dt.datetime
+    appointment: AppointmentOut, booked_by: uuid.UUID
 ) -> list[tuple[uuid.UUID, str, str, str | None, dt.datetime | None]]:
     """The notifications `confirm` (booked) or `book` (held) enqueue for a new appointment, as
-    (user, kind, params, dedupe key, not before): book_appointment inserts them."""
+    (user, kind, params, dedupe key, not before): book_appointment inserts them. Reminders are
+    not among them: they are written when due (api/booking/reminders.py)."""
     notes: list[tuple[uuid.UUID, str, str, str | None, dt.datetime | None]] = []
     start = appointment.start.astimezone(dt.UTC)  # as the row reads back from PostgreSQL
 
-    def tell(kind: str, params: dict[str, object], not_before: dt.datetime | None = None) -> None:
+    def add(kind: str, params: dict[str, object], not_before: dt.datetime | None = None) -> None:
         encoded = _ENCODE.encode(check_params(kind, params)).decode()
         for recipient in dict.fromkeys((booked_by, appointment.patient_id)):
             dedupe = (
@@ -277,21 +276,19 @@ def _notes_for_new(
     if appointment.status == "held":
         assert appointment.hold_expires_at is not None
         expires = appointment.hold_expires_at.astimezone(dt.UTC)
-        tell(
+        add(
             "appointment_hold_expiring",
             {"appointment_id": appointment.id, "expires_at": expires},
             not_before=expires - dt.timedelta(minutes=3),
         )
     else:
-        tell("appointment_booked", {"appointment_id": appointment.id, "start": start})
-        for kind, before in REMINDERS:
-            if start - before > now:
-                tell(kind, {"appointment_id": appointment.id, "start": start}, not_before=start - before)
+        add("appointment_booked", {"appointment_id": appointment.id, "start": start})
     return notes
 
 
-async def confirm(conn: asyncpg.Connection, row: asyncpg.Record, now: dt.datetime) -> asyncpg.Record:
-    """A booked appointment gets its queue number (in person) and its notifications.
+async def confirm(conn: asyncpg.Connection, row: asyncpg.Record) -> asyncpg.Record:
+    """A booked appointment gets its queue number (in person) and its confirmation (its reminders
+    are planned by the status change, migration 0010).
 
     Used by payments when a hold is paid, by the waitlist when an offer is accepted, and when a
     late payment takes its slot again (`retake`; `take_place` has numbered that one already).
@@ -309,8 +306,7 @@ async def confirm(conn: asyncpg.Connection, row: asyncpg.Record, now: dt.datetim
         numbered = await queries.get_appointment(conn, row["id"])
         assert numbered is not None
         row = numbered
-    await _tell(conn, row, "appointment_booked")
-    await _schedule_reminders(conn, row, now)
+    await tell(conn, row, "appointment_booked")
     return row
 
 
@@ -339,7 +335,7 @@ async def cancel(
         await refund_invoice(conn, row["invoice_id"], None, "appointment cancelled")
     await queries.end_offer(conn, row["id"])
     await notifications.cancel_pending(conn, _subject(row["id"]))
-    await _tell(conn, cancelled, "appointment_cancelled")
+    await tell(conn, cancelled, "appointment_cancelled")
     return appointment_out(cancelled, now)
 
 
@@ -384,9 +380,9 @@ async def reschedule(
             )
             moved = await queries.get_appointment(conn, moved["id"])
             assert moved is not None
-        await notifications.cancel_pending(conn, _subject(row["id"]), [kind for kind, _ in REMINDERS])
-        await _schedule_reminders(conn, moved, now)
-        await _tell(conn, moved, "appointment_rescheduled")
+        # Reminders already written for the old time go; the new time's come when due.
+        await notifications.cancel_pending(conn, _subject(row["id"]), list(REMINDER_KINDS))
+        await tell(conn, moved, "appointment_rescheduled")
     return appointment_out(moved, now)
 
 
@@ -411,7 +407,7 @@ async def check_in(
     )
     if done is None:
         raise ApiError("invalid_transition")
-    await notifications.cancel_pending(conn, _subject(row["id"]), [kind for kind, _ in REMINDERS])
+    await notifications.cancel_pending(conn, _subject(row["id"]), list(REMINDER_KINDS))
     return appointment_out(done, now)
 
 
@@ -431,9 +427,7 @@ def _subject(appointment_id: uuid.UUID) -> str:
     return f"appointment:{appointment_id}"
 
 
-async def _tell(
-    conn: asyncpg.Connection, row: asyncpg.Record, kind: str, not_before: dt.datetime | None = None
-) -> None:
+async def tell(conn: asyncpg.Connection, row: asyncpg.Record, kind: str) -> None:
     """Notify whoever booked (a guardian for a child) and the patient, if they are someone else."""
     if kind == "appointment_hold_expiring":
         params: dict[str, object] = {"appointment_id": row["id"], "expires_at": row["hold_expires_at"]}
@@ -448,17 +442,9 @@ async def _tell(
             # Booked, cancelled and hold-expiring happen once per appointment; reminders and
             # "moved" come again with every move, so they carry no key.
             dedupe_key=f"{_subject(row['id'])}:{kind}:{recipient}" if kind in ONCE_PER_APPOINTMENT else None,
-            not_before=not_before,
             facility_id=row["facility_id"],
             subject=_subject(row["id"]),
         )
-
-
-async def _schedule_reminders(conn: asyncpg.Connection, row: asyncpg.Record, now: dt.datetime) -> None:
-    for kind, before in REMINDERS:
-        when = row["starts_at"] - before
-        if when > now:
-            await _tell(conn, row, kind, not_before=when)
 
 
 async def retake(
@@ -497,6 +483,6 @@ async def retake(
                     "reason": row["reason"],
                 },
             )
-            return await confirm(conn, taken, now)
+            return await confirm(conn, taken)
     except ApiError:
         return None

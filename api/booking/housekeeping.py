@@ -1,5 +1,5 @@
-"""Background work of booking: expire holds past their time and offer freed slots to the
-waitlist. Run by `telehealth worker` beside the notification worker (in dev, inside the API
+"""Background work of booking: expire holds past their time, offer freed slots to the
+waitlist, and write visits' reminders when they fall due. Run by `telehealth worker` beside the notification worker (in dev, inside the API
 process). Reads never wait for it: an expired hold already shows as expired and frees its slot."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 
 from api.booking import waitlist
 from api.booking.queries import expire_holds
+from api.booking.reminders import send_due_reminders
 from api.db import FairPool
 from api.settings import Settings
 
@@ -30,12 +31,20 @@ async def expire_and_offer(pool: FairPool, settings: Settings) -> int:
     return len(expired)
 
 
+async def remind(pool: FairPool) -> int:
+    """One batch of due reminders; the number of visits reminded."""
+    async with pool.acquire() as conn, conn.transaction():
+        return await send_due_reminders(conn, utcnow())
+
+
 async def run_housekeeping(
     pool: FairPool, settings: Settings, stop: asyncio.Event, every: float = 5.0
 ) -> None:
     while not stop.is_set():
         try:
             while await expire_and_offer(pool, settings):
+                pass
+            while await remind(pool):
                 pass
         except Exception:
             log.exception("booking housekeeping failed; trying again")

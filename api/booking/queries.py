@@ -470,6 +470,27 @@ async def list_appointments_for(
     return rows
 
 
+async def claim_due_reminders(conn: asyncpg.Connection, now: dt.datetime, limit: int) -> list[asyncpg.Record]:
+    """Booked visits whose next reminder is due at `now`, each moved on to the reminder after it
+    (migration 0010), with the kind to send: the latest one due, so a job that was stopped
+    sends the 15-minute reminder alone, not a late "tomorrow" before it. SKIP LOCKED: two jobs
+    never claim the same visit."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""WITH due AS (
+                SELECT id FROM appointments WHERE next_reminder_at <= $1
+                 ORDER BY next_reminder_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+            UPDATE appointments a
+               SET next_reminder_at = (SELECT min(r.at) FROM appointment_reminders(a.starts_at) r WHERE r.at > $1)
+              FROM due WHERE a.id = due.id
+            RETURNING {APPOINTMENT},
+                      (SELECT r.kind FROM appointment_reminders(a.starts_at) r
+                        WHERE r.at <= $1 ORDER BY r.at DESC LIMIT 1) AS reminder""",
+        now,
+        limit,
+    )
+    return rows
+
+
 async def set_status(
     conn: asyncpg.Connection, appointment_id: uuid.UUID, status: str, sources: Sequence[str], **stamps: Any
 ) -> asyncpg.Record | None:

@@ -190,7 +190,7 @@ async def accept(
             conn, offer["id"], now + dt.timedelta(minutes=settings.booking_hold_minutes)
         )
     else:
-        offer = await booking.confirm(conn, offer, now)
+        offer = await booking.confirm(conn, offer)
     entry = await queries.set_waitlist_status(conn, entry["id"], "accepted", offer["id"])
     return waitlist_out(entry, offer, now)
 

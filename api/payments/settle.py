@@ -255,7 +255,7 @@ async def _book(
     """The paid appointment: a hold becomes `booked`; a cancelled one, or an expired one whose
     slot is gone, gets its money back."""
     if appointment["status"] == "held":
-        await booking.confirm(conn, appointment, now)
+        await booking.confirm(conn, appointment)
     elif appointment["status"] == "cancelled":
         await _refund(conn, attempt, "the appointment was cancelled before the payment arrived")
     elif (
