@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from api.booking.reminders import send_due_reminders
@@ -26,6 +27,7 @@ from tests.factories import (
     clinic_at,
     clinic_today,
     grant_staff,
+    insert_device,
     insert_user,
     notify,
     own_clinic,
@@ -1159,6 +1161,36 @@ async def test_booking_enqueues_the_confirmation_and_its_reminders_when_due(clie
         sorted([("appointment_reminder_15m", me), ("appointment_reminder_15m", child)]),
         [],
     ]
+
+
+async def test_a_booking_wakes_the_notification_worker_once_committed(
+    settings, db, issuer, fcm_clean, tmp_path
+):
+    """The booking's statement enqueues its confirmation without a NOTIFY (PostgreSQL serialises
+    the commits of transactions that NOTIFY: migration 0011); the API wakes the workers once it
+    has committed."""
+    account = fcm_clean.write_service_account(tmp_path / "service-account.json")
+    settings = msgspec.structs.replace(
+        settings,
+        notification_worker="in_process",
+        fcm_credentials_file=str(account),
+        fcm_endpoint=fcm_clean.send_url,
+        notification_poll_seconds=30.0,  # so only a wake-up can explain a quick push
+    )
+    clinic = await own_clinic(db, HOME)
+    async with serve(settings) as http:
+        patient = await sign_in(http, issuer)
+        token = await insert_device(db, await user_id(patient))
+        await asyncio.sleep(0.5)  # the worker's first pass is done; now it waits
+        body = await booked(http, patient, clinic, clinic_at(day(3), "08:00"))
+        confirmation = await db.fetchval(
+            "SELECT id FROM notifications WHERE subject = $1 AND kind = 'appointment_booked'",
+            f"appointment:{body['id']}",
+        )
+        await fcm_clean.wait_for(
+            lambda e: str(confirmation) in [r.message["data"]["notification_id"] for r in e.sent_to(token)],
+            timeout=10,
+        )
 
 
 async def test_a_reminder_job_that_was_stopped_sends_only_the_latest_reminder(client, db, issuer):

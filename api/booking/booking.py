@@ -28,6 +28,7 @@ from api.identity.current_user import SessionToken
 from api.identity.queries import session_is_live
 from api.payments.refunds import refund_invoice
 from api.settings import Settings
+from notifications.outbox import Waker
 from notifications.templates import check_params
 
 _ENCODE = msgspec.json.Encoder()
@@ -143,6 +144,7 @@ async def book(
     data: AppointmentCreate,
     key: str | None,
     now: dt.datetime,
+    waker: Waker,
 ) -> Booked:
     """POST /v1/appointments: one statement, `book_appointment` (migrations 0006 and 0008), outside
     any transaction, so one round trip (the caller's session is checked there too) and no lock
@@ -151,7 +153,8 @@ async def book(
     The slot is found in this process's copy of the doctor's schedules; the statement refuses
     with `stale` if they changed since, and they are read again. Everything else is decided
     there, in the order the rules are listed in book_appointment; nothing is written unless the
-    appointment is made.
+    appointment is made. Its notification wakes the workers through `waker` once committed, not
+    by a NOTIFY, which would serialise the commits of all bookings (migration 0011).
     """
     if not key:
         raise ApiError("idempotency_key_required")
@@ -225,6 +228,7 @@ async def book(
                 raise
         outcome = row["outcome"]
         if outcome == "booked":
+            waker.wake()
             appointment.queue_number = row["number"]
             return Booked(201, appointment, replayed=False)
         if outcome == "replay":

@@ -123,6 +123,7 @@ class AppointmentController(Controller):
             data,
             idempotency_key,
             utcnow(),
+            state.outbox_waker,
         )
         return Response(
             booked.appointment,
