@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jose import jwk, jwt
@@ -28,6 +30,7 @@ import notifications
 from api.app import create_app
 from api.identity.personal_id import sex_digit
 from api.settings import Settings
+from notifications.fcm_emulator import FcmEmulator
 
 _serial = itertools.count(random.randrange(100_000, 800_000))
 
@@ -276,6 +279,19 @@ async def notify(
     params = options.pop("params", None) or {"invoice_id": uuid.uuid4()}
     async with db.transaction():
         return await notifications.enqueue(db, user_id, kind, params, **options)
+
+
+def pushing_in_process(settings: Settings, fcm: FcmEmulator, tmp_path: Path) -> Settings:
+    """`settings` with the notification worker inside the API process, pushing to the FCM
+    emulator, polling only every 30 s: so only a wake-up can explain a quick push."""
+    account = fcm.write_service_account(tmp_path / "service-account.json")
+    return msgspec.structs.replace(
+        settings,
+        notification_worker="in_process",
+        fcm_credentials_file=str(account),
+        fcm_endpoint=fcm.send_url,
+        notification_poll_seconds=30.0,
+    )
 
 
 # --- booking: a test's own doctor, service and schedule ---------------------------------------

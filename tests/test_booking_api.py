@@ -14,7 +14,6 @@ import uuid
 from typing import Any
 
 import asyncpg
-import msgspec
 import pytest
 
 from api.booking.reminders import send_due_reminders
@@ -31,6 +30,7 @@ from tests.factories import (
     insert_user,
     notify,
     own_clinic,
+    pushing_in_process,
     serve,
     sign_in,
 )
@@ -1169,14 +1169,7 @@ async def test_a_booking_wakes_the_notification_worker_once_committed(
     """The booking's statement enqueues its confirmation without a NOTIFY (PostgreSQL serialises
     the commits of transactions that NOTIFY: migration 0011); the API wakes the workers once it
     has committed."""
-    account = fcm_clean.write_service_account(tmp_path / "service-account.json")
-    settings = msgspec.structs.replace(
-        settings,
-        notification_worker="in_process",
-        fcm_credentials_file=str(account),
-        fcm_endpoint=fcm_clean.send_url,
-        notification_poll_seconds=30.0,  # so only a wake-up can explain a quick push
-    )
+    settings = pushing_in_process(settings, fcm_clean, tmp_path)
     clinic = await own_clinic(db, HOME)
     async with serve(settings) as http:
         patient = await sign_in(http, issuer)

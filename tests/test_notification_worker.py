@@ -24,7 +24,7 @@ from notifications.fcm_emulator import FcmEmulator
 from notifications.push import FcmSender
 from notifications.worker import Worker, utcnow
 from tests.conftest import make_settings
-from tests.factories import insert_device, insert_user, notify, serve
+from tests.factories import insert_device, insert_user, notify, pushing_in_process, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -479,16 +479,7 @@ async def test_the_api_process_runs_the_worker_in_dev(
     database_url, redis_url, issuer, db, fcm_clean, tmp_path
 ):
     """The dev default: the same worker inside the API process, woken by the enqueue's commit."""
-    account = fcm_clean.write_service_account(tmp_path / "service-account.json")
-    settings = make_settings(
-        database_url,
-        redis_url,
-        issuer,
-        notification_worker="in_process",
-        fcm_credentials_file=str(account),
-        fcm_endpoint=fcm_clean.send_url,
-        notification_poll_seconds=30.0,  # so only the LISTEN wake-up can explain a quick send
-    )
+    settings = pushing_in_process(make_settings(database_url, redis_url, issuer), fcm_clean, tmp_path)
     user_id = await insert_user(db)
     token = await insert_device(db, user_id)
     async with serve(settings) as http:

@@ -44,6 +44,7 @@ from tests.factories import (
     insert_device,
     insert_user,
     own_clinic,
+    pushing_in_process,
     serve,
     sessions_for_many,
 )
@@ -616,14 +617,7 @@ async def test_a_payment_wakes_the_notification_worker_once_committed(
 ):
     """A callback's transaction enqueues its messages without a NOTIFY (PostgreSQL serialises the
     commits of transactions that NOTIFY); the API wakes the workers once it has committed."""
-    account = fcm_clean.write_service_account(tmp_path / "service-account.json")
-    settings = msgspec.structs.replace(
-        pay_settings,
-        notification_worker="in_process",
-        fcm_credentials_file=str(account),
-        fcm_endpoint=fcm_clean.send_url,
-        notification_poll_seconds=30.0,  # so only a wake-up can explain a quick push
-    )
+    settings = pushing_in_process(pay_settings, fcm_clean, tmp_path)
     async with serve(settings) as app:
         held = await hold(app, db, settings)
         token = await insert_device(db, uuid.UUID(held.patient.user["id"]))
