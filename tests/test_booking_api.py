@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from api.booking.housekeeping import remind
 from api.booking.reminders import send_due_reminders
 from tests.conftest import make_settings
 from tests.factories import (
@@ -1197,6 +1198,24 @@ async def test_a_reminder_job_that_was_stopped_sends_only_the_latest_reminder(cl
         [],
     ]
     assert await reminders_as_of(db, body["id"], start + dt.timedelta(minutes=1)) == [[]], "the visit began"
+
+
+async def test_the_housekeeping_job_writes_a_due_reminder(client, db, issuer, pool):
+    clinic = await own_clinic(db, HOME)
+    patient = await sign_in(client, issuer)
+    body = await booked(client, patient, clinic, clinic_at(day(3), "08:00"))
+    await visit_is_now(db, body["id"], minutes_from_now=14)
+    # The job was due a minute ago (moving the start by hand planned nothing: both times had passed).
+    await db.execute(
+        "UPDATE appointments SET next_reminder_at = starts_at - interval '15 minutes' WHERE id = $1",
+        uuid.UUID(body["id"]),
+    )
+    assert await remind(pool) >= 1
+    written = [(n["kind"], n["user_id"]) for n in await notes(db, body["id"]) if "reminder" in n["kind"]]
+    assert written == [("appointment_reminder_15m", await user_id(patient))]
+    assert (await row(db, body["id"]))["next_reminder_at"] is None
+    await remind(pool)
+    assert len([n for n in await notes(db, body["id"]) if "reminder" in n["kind"]]) == 1
 
 
 async def test_concurrent_reminder_jobs_write_each_reminder_once(client, db, issuer, pool):
