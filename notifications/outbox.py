@@ -43,7 +43,6 @@ async def enqueue(
     kind: str,
     params: Mapping[str, object],
     dedupe_key: str | None = None,
-    not_before: dt.datetime | None = None,
     *,
     facility_id: uuid.UUID | None = None,
     subject: str | None = None,
@@ -51,16 +50,16 @@ async def enqueue(
     """Add a notification for `user_id` as part of the caller's transaction.
 
     It exists if and only if that transaction commits. A `dedupe_key` already used enqueues
-    nothing and returns None. `not_before` schedules it (a hold about to expire); `subject` names
-    what it is about (`appointment:<id>`) so `cancel_pending` can find it.
+    nothing and returns None. Due now; `subject` names what it is about (`appointment:<id>`) so
+    `cancel_pending` can find it.
     """
     if not conn.is_in_transaction():
         raise RuntimeError("enqueue a notification inside the transaction of the change it reports")
     checked = check_params(kind, params)
     notification_id: uuid.UUID | None = await conn.fetchval(
         """INSERT INTO notifications
-               (user_id, kind, params, facility_id, subject, dedupe_key, not_before, next_attempt_at)
-           VALUES ($1, $2, $3::jsonb, $4, $5, $6, coalesce($7, now()), coalesce($7, now()))
+               (user_id, kind, params, facility_id, subject, dedupe_key)
+           VALUES ($1, $2, $3::jsonb, $4, $5, $6)
            ON CONFLICT (dedupe_key) DO NOTHING
            RETURNING id""",
         user_id,
@@ -69,7 +68,6 @@ async def enqueue(
         facility_id,
         subject,
         dedupe_key,
-        not_before,
     )
     return notification_id
 

@@ -1,6 +1,6 @@
 """Starting the background worker: the notification worker, booking housekeeping (expiring
-holds, waitlist offers, visit reminders) and payment housekeeping (reconciliation, refunds), in the API process
-(dev) or alone (`telehealth worker`, production)."""
+holds, waitlist offers, visit reminders) and payment housekeeping (reconciliation, refunds), in
+the API process (dev) or alone (`telehealth worker`, production)."""
 
 from __future__ import annotations
 

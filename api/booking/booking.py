@@ -432,11 +432,9 @@ def _subject(appointment_id: uuid.UUID) -> str:
 
 
 async def tell(conn: asyncpg.Connection, row: asyncpg.Record, kind: str) -> None:
-    """Notify whoever booked (a guardian for a child) and the patient, if they are someone else."""
-    if kind == "appointment_hold_expiring":
-        params: dict[str, object] = {"appointment_id": row["id"], "expires_at": row["hold_expires_at"]}
-    else:
-        params = {"appointment_id": row["id"], "start": row["starts_at"]}
+    """Notify whoever booked (a guardian for a child) and the patient, if they are someone else,
+    about the visit at its start time."""
+    params = {"appointment_id": row["id"], "start": row["starts_at"]}
     for recipient in dict.fromkeys((row["booked_by"], row["patient_id"])):
         await notifications.enqueue(
             conn,

@@ -1,6 +1,7 @@
 """Background work of booking: expire holds past their time, offer freed slots to the
-waitlist, and write visits' reminders when they fall due. Run by `telehealth worker` beside the notification worker (in dev, inside the API
-process). Reads never wait for it: an expired hold already shows as expired and frees its slot."""
+waitlist, and write visits' reminders when they fall due. Run by `telehealth worker` beside the
+notification worker (in dev, inside the API process). Reads never wait for it: an expired hold
+already shows as expired and frees its slot."""
 
 from __future__ import annotations
 
